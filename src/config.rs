@@ -1,0 +1,889 @@
+//! The gateway's configuration: a TOML file read once at start-up.
+//!
+//! Two layers, as in pingora's `load_from_yaml -> from_yaml -> validate`:
+//! [`RawConfig`] mirrors the file (serde, `deny_unknown_fields` so a typo is
+//! an error, every default a named `DEFAULT_*` const) and [`Config`] holds
+//! the validated, typed values (`SocketAddr`, `Duration`, `Uri`, digests).
+//! Validation collects **every** problem, each with its key path, before it
+//! returns, so an operator fixes a config in one pass.
+//!
+//! This module does no I/O besides reading the config file itself. Files the
+//! config names (cookies, SCIM token, TLS material) are read and checked by
+//! their owners (`credentials`, `tls`), which report problems in the same
+//! [`Problem`] form so `knoq-gateway check` prints them all together.
+//!
+//! Relative paths in the file are resolved against the directory holding the
+//! config file, so the gateway behaves the same whatever its working
+//! directory.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::{HeaderValue, Uri};
+use serde::Deserialize;
+
+use crate::units::{parse_duration, parse_size};
+
+pub const DEFAULT_CONFIG_PATH: &str = "config/gateway.toml";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+pub const DEFAULT_MAX_BODY: &str = "1MiB";
+pub const DEFAULT_MAX_HEADER_BYTES: &str = "16KiB";
+pub const DEFAULT_HEADER_READ_TIMEOUT: &str = "10s";
+pub const DEFAULT_IDLE_TIMEOUT: &str = "75s";
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+pub const DEFAULT_SHUTDOWN_GRACE: &str = "30s";
+pub const DEFAULT_UPSTREAM_URL: &str = "https://knoq.one";
+pub const DEFAULT_ORIGIN: &str = "https://knoq.one";
+pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
+pub const DEFAULT_UPSTREAM_TIMEOUT: &str = "60s";
+pub const DEFAULT_POOL_IDLE_TIMEOUT: &str = "90s";
+pub const DEFAULT_POOL_MAX_IDLE: usize = 64;
+pub const DEFAULT_STATE_DIR: &str = "state";
+
+// === Raw layer: exactly what the file says ===
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    upstream: RawUpstream,
+    #[serde(default)]
+    state: RawState,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    scim: RawScim,
+    #[serde(default)]
+    users: Vec<RawUser>,
+    #[serde(default)]
+    tokens: Vec<RawToken>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    max_body: Option<String>,
+    max_header_bytes: Option<String>,
+    header_read_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    max_connections: Option<usize>,
+    shutdown_grace: Option<String>,
+    allowed_hosts: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    url: Option<String>,
+    origin: Option<String>,
+    ca_file: Option<PathBuf>,
+    connect_timeout: Option<String>,
+    timeout: Option<String>,
+    pool_idle_timeout: Option<String>,
+    pool_max_idle: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<String>,
+    level: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScim {
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUser {
+    name: String,
+    cookie_file: Option<PathBuf>,
+    cookie_env: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawToken {
+    name: String,
+    user: String,
+    sha256: String,
+    #[serde(default)]
+    scim: bool,
+}
+
+// === Typed layer ===
+
+/// The validated configuration. Every field already has its final type.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the file was read from (for messages); `None` when built from a string.
+    pub source: Option<PathBuf>,
+    pub server: ServerConfig,
+    pub admin: AdminConfig,
+    pub upstream: UpstreamConfig,
+    pub state: StateConfig,
+    pub log: LogConfig,
+    pub scim: ScimConfig,
+    pub users: Vec<UserConfig>,
+    pub tokens: Vec<TokenConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub tls: Option<TlsFiles>,
+    /// Largest request body accepted, in bytes (413 above).
+    pub max_body: u64,
+    /// Largest request head (request line plus headers) accepted (431 above).
+    pub max_header_bytes: usize,
+    /// A client must send a whole request head within this time.
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// Connections beyond this wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// On SIGTERM/SIGINT, in-flight requests get this long to finish.
+    pub shutdown_grace: Duration,
+    /// Host names (without port, lower case) a request's `Host` may carry.
+    pub allowed_hosts: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Scheme and authority only, e.g. `https://knoq.one`.
+    pub url: Uri,
+    /// The `Origin` sent with every request (Knoq's CSRF guard checks it).
+    pub origin: HeaderValue,
+    pub ca_file: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    /// Bound on the whole exchange: connect, send, response head and body.
+    pub timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct StateConfig {
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `knoq_gateway=debug`;
+    /// `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ScimConfig {
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UserConfig {
+    pub name: String,
+    pub cookie: CookieSource,
+}
+
+/// Where a user's Knoq cookie comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CookieSource {
+    File(PathBuf),
+    Env(String),
+}
+
+#[derive(Clone)]
+pub struct TokenConfig {
+    pub name: String,
+    pub user: String,
+    pub sha256: [u8; 32],
+    pub scim: bool,
+}
+
+impl fmt::Debug for TokenConfig {
+    // The digest is not a secret, but it is the one thing that identifies a
+    // token in the file; keep it out of debug dumps all the same.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenConfig")
+            .field("name", &self.name)
+            .field("user", &self.user)
+            .field("scim", &self.scim)
+            .finish_non_exhaustive()
+    }
+}
+
+// === Problems ===
+
+/// One thing wrong with the configuration, named by its key path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Problem {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Every problem found in a configuration, in file order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "{n} problem{} in the configuration:",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl From<Vec<Problem>> for ConfigError {
+    fn from(problems: Vec<Problem>) -> Self {
+        ConfigError { problems }
+    }
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::from(vec![Problem::new(
+                path.display().to_string(),
+                format!("cannot read the config file: {e}"),
+            )])
+        })?;
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        let mut config = Config::from_toml_str(&text, base)?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
+    }
+
+    /// Parses and validates config text; relative paths resolve against `base`.
+    pub fn from_toml_str(text: &str, base: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            ConfigError::from(vec![Problem::new(
+                "config",
+                e.to_string().trim_end().replace('\n', " "),
+            )])
+        })?;
+        raw.validate(base)
+    }
+
+    /// The user a token belongs to. Validation guarantees it exists.
+    pub fn user(&self, name: &str) -> Option<&UserConfig> {
+        self.users.iter().find(|u| u.name == name)
+    }
+}
+
+/// Collects problems while validating; each parser helper records its own.
+struct Checker<'a> {
+    base: &'a Path,
+    problems: Vec<Problem>,
+}
+
+impl Checker<'_> {
+    fn problem(&mut self, key: impl Into<String>, msg: impl Into<String>) {
+        self.problems.push(Problem::new(key, msg));
+    }
+
+    fn duration(&mut self, key: &str, value: Option<&str>, default: &str) -> Duration {
+        let text = value.unwrap_or(default);
+        parse_duration(text).unwrap_or_else(|e| {
+            self.problem(key, e);
+            parse_duration(default).expect("defaults are valid durations")
+        })
+    }
+
+    fn positive_duration(&mut self, key: &str, value: Option<&str>, default: &str) -> Duration {
+        let d = self.duration(key, value, default);
+        if d.is_zero() {
+            self.problem(key, "must be greater than zero");
+        }
+        d
+    }
+
+    fn addr(&mut self, key: &str, value: Option<&str>, default: &str) -> SocketAddr {
+        let text = value.unwrap_or(default);
+        text.parse().unwrap_or_else(|_| {
+            self.problem(
+                key,
+                format!("\"{text}\" is not an IP address with a port, e.g. \"127.0.0.1:8080\""),
+            );
+            default.parse().expect("defaults are valid addresses")
+        })
+    }
+
+    fn path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+}
+
+/// Names end up in log lines, metric labels and error messages, so they are
+/// kept to a plain, bounded alphabet.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+fn parse_sha256_hex(text: &str) -> Option<[u8; 32]> {
+    let text = text.trim();
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, chunk) in text.as_bytes().chunks(2).enumerate() {
+        let hex = std::str::from_utf8(chunk).ok()?;
+        out[i] = u8::from_str_radix(hex, 16).ok()?;
+    }
+    Some(out)
+}
+
+impl RawConfig {
+    fn validate(self, base: &Path) -> Result<Config, ConfigError> {
+        let mut c = Checker {
+            base,
+            problems: Vec::new(),
+        };
+        let server = self.server.validate(&mut c);
+        let admin = AdminConfig {
+            listen: c.addr(
+                "admin.listen",
+                self.admin.listen.as_deref(),
+                DEFAULT_ADMIN_LISTEN,
+            ),
+        };
+        if admin.listen == server.listen {
+            c.problem(
+                "admin.listen",
+                "must differ from server.listen: metrics and health never share the clients' port",
+            );
+        }
+        let upstream = self.upstream.validate(&mut c);
+        let state = StateConfig {
+            dir: c.path(
+                self.state
+                    .dir
+                    .as_deref()
+                    .unwrap_or(Path::new(DEFAULT_STATE_DIR)),
+            ),
+        };
+        let log = LogConfig {
+            format: match self.log.format.as_deref() {
+                None | Some("text") => LogFormat::Text,
+                Some("json") => LogFormat::Json,
+                Some(other) => {
+                    c.problem(
+                        "log.format",
+                        format!("\"{other}\" is not a log format; use \"text\" or \"json\""),
+                    );
+                    LogFormat::Text
+                }
+            },
+            level: self.log.level.unwrap_or_else(|| "info".to_string()),
+        };
+        let scim = ScimConfig {
+            token_file: self.scim.token_file.as_deref().map(|p| c.path(p)),
+        };
+
+        let mut users = Vec::with_capacity(self.users.len());
+        let mut user_names = HashSet::new();
+        for (i, u) in self.users.into_iter().enumerate() {
+            let key = format!("users[{i}]");
+            if !valid_name(&u.name) {
+                c.problem(
+                    format!("{key}.name"),
+                    format!(
+                        "\"{}\" must be 1-64 characters of letters, digits, '-', '_' or '.'",
+                        u.name
+                    ),
+                );
+            }
+            if !user_names.insert(u.name.clone()) {
+                c.problem(
+                    format!("{key}.name"),
+                    format!("user \"{}\" is defined twice", u.name),
+                );
+            }
+            let cookie = match (u.cookie_file, u.cookie_env) {
+                (Some(f), None) => CookieSource::File(c.path(&f)),
+                (None, Some(e)) if !e.is_empty() => CookieSource::Env(e),
+                (None, Some(_)) => {
+                    c.problem(format!("{key}.cookie_env"), "must not be empty");
+                    continue;
+                }
+                (Some(_), Some(_)) => {
+                    c.problem(key.clone(), "set cookie_file or cookie_env, not both");
+                    continue;
+                }
+                (None, None) => {
+                    c.problem(
+                        key.clone(),
+                        "needs cookie_file (a file holding the Cookie header value) or cookie_env",
+                    );
+                    continue;
+                }
+            };
+            users.push(UserConfig {
+                name: u.name,
+                cookie,
+            });
+        }
+
+        let mut tokens = Vec::with_capacity(self.tokens.len());
+        let mut token_names = HashSet::new();
+        let mut digests = HashSet::new();
+        for (i, t) in self.tokens.into_iter().enumerate() {
+            let key = format!("tokens[{i}]");
+            if !valid_name(&t.name) {
+                c.problem(
+                    format!("{key}.name"),
+                    format!(
+                        "\"{}\" must be 1-64 characters of letters, digits, '-', '_' or '.'",
+                        t.name
+                    ),
+                );
+            }
+            if !token_names.insert(t.name.clone()) {
+                c.problem(
+                    format!("{key}.name"),
+                    format!("token \"{}\" is defined twice", t.name),
+                );
+            }
+            if !user_names.contains(&t.user) {
+                c.problem(
+                    format!("{key}.user"),
+                    format!("no [[users]] entry is named \"{}\"", t.user),
+                );
+            }
+            let Some(sha256) = parse_sha256_hex(&t.sha256) else {
+                c.problem(
+                    format!("{key}.sha256"),
+                    "must be 64 hex digits: the SHA-256 of the token, as printed by `knoq-gateway token new`",
+                );
+                continue;
+            };
+            if !digests.insert(sha256) {
+                c.problem(
+                    format!("{key}.sha256"),
+                    "the same token digest appears twice; give each tool its own token",
+                );
+            }
+            tokens.push(TokenConfig {
+                name: t.name,
+                user: t.user,
+                sha256,
+                scim: t.scim,
+            });
+        }
+        if tokens.iter().any(|t| t.scim) && scim.token_file.is_none() {
+            c.problem(
+                "scim.token_file",
+                "a token has scim = true, so the gateway needs Knoq's SCIM token file",
+            );
+        }
+
+        if !c.problems.is_empty() {
+            return Err(c.problems.into());
+        }
+        Ok(Config {
+            source: None,
+            server,
+            admin,
+            upstream,
+            state,
+            log,
+            scim,
+            users,
+            tokens,
+        })
+    }
+}
+
+impl RawServer {
+    fn validate(self, c: &mut Checker<'_>) -> ServerConfig {
+        let listen = c.addr("server.listen", self.listen.as_deref(), DEFAULT_LISTEN);
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: c.path(&cert),
+                key: c.path(&key),
+            }),
+            (None, None) => None,
+            _ => {
+                c.problem(
+                    "server",
+                    "tls_cert and tls_key go together: set both or neither",
+                );
+                None
+            }
+        };
+        let max_body = parse_size(self.max_body.as_deref().unwrap_or(DEFAULT_MAX_BODY))
+            .unwrap_or_else(|e| {
+                c.problem("server.max_body", e);
+                0
+            });
+        let max_header_bytes = parse_size(
+            self.max_header_bytes
+                .as_deref()
+                .unwrap_or(DEFAULT_MAX_HEADER_BYTES),
+        )
+        .unwrap_or_else(|e| {
+            c.problem("server.max_header_bytes", e);
+            0
+        });
+        // hyper's read buffer must hold a whole head; it wants at least 8 KiB.
+        if !(1024..=1 << 20).contains(&max_header_bytes) {
+            c.problem("server.max_header_bytes", "must be between 1KiB and 1MiB");
+        }
+        let max_connections = self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        if max_connections == 0 {
+            c.problem("server.max_connections", "must be at least 1");
+        }
+        let allowed_hosts = match self.allowed_hosts {
+            Some(list) => {
+                let mut hosts = Vec::new();
+                for (i, h) in list.iter().enumerate() {
+                    let h = h.trim().to_ascii_lowercase();
+                    if h.is_empty() || h.contains('/') || h.contains(char::is_whitespace) {
+                        c.problem(
+                            format!("server.allowed_hosts[{i}]"),
+                            "must be a host name or IP address without scheme or port",
+                        );
+                    } else {
+                        hosts.push(h);
+                    }
+                }
+                hosts
+            }
+            None => default_allowed_hosts(listen),
+        };
+        ServerConfig {
+            listen,
+            tls,
+            max_body,
+            max_header_bytes: max_header_bytes as usize,
+            header_read_timeout: c.positive_duration(
+                "server.header_read_timeout",
+                self.header_read_timeout.as_deref(),
+                DEFAULT_HEADER_READ_TIMEOUT,
+            ),
+            idle_timeout: c.positive_duration(
+                "server.idle_timeout",
+                self.idle_timeout.as_deref(),
+                DEFAULT_IDLE_TIMEOUT,
+            ),
+            max_connections,
+            shutdown_grace: c.duration(
+                "server.shutdown_grace",
+                self.shutdown_grace.as_deref(),
+                DEFAULT_SHUTDOWN_GRACE,
+            ),
+            allowed_hosts,
+        }
+    }
+}
+
+/// The loopback names, plus the listen address when it is not a wildcard.
+fn default_allowed_hosts(listen: SocketAddr) -> Vec<String> {
+    let mut hosts = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "[::1]".to_string(),
+    ];
+    let ip = listen.ip();
+    if !ip.is_unspecified() && !ip.is_loopback() {
+        hosts.push(match ip {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("[{v6}]"),
+        });
+    }
+    hosts
+}
+
+impl RawUpstream {
+    fn validate(self, c: &mut Checker<'_>) -> UpstreamConfig {
+        let url_text = self.url.as_deref().unwrap_or(DEFAULT_UPSTREAM_URL);
+        let url = match url_text.parse::<Uri>() {
+            Ok(u) => {
+                let host = u.host().unwrap_or("").to_ascii_lowercase();
+                let loopback = host == "localhost"
+                    || host
+                        .trim_matches(|ch| ch == '[' || ch == ']')
+                        .parse::<IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback());
+                match u.scheme_str() {
+                    Some("https") => {}
+                    Some("http") if loopback => {}
+                    Some("http") => c.problem(
+                        "upstream.url",
+                        "must be https: the session cookie must never cross a network in clear (plain http is allowed only to a loopback address)",
+                    ),
+                    _ => c.problem("upstream.url", format!("\"{url_text}\" is not an https:// URL")),
+                }
+                if u.authority().is_none() {
+                    c.problem("upstream.url", format!("\"{url_text}\" has no host"));
+                }
+                if !matches!(u.path(), "" | "/") || u.query().is_some() {
+                    c.problem(
+                        "upstream.url",
+                        "must be scheme and host only, e.g. \"https://knoq.one\"; client paths are appended",
+                    );
+                }
+                u
+            }
+            Err(e) => {
+                c.problem("upstream.url", format!("\"{url_text}\": {e}"));
+                Uri::from_static(DEFAULT_UPSTREAM_URL)
+            }
+        };
+        let origin_text = self.origin.as_deref().unwrap_or(DEFAULT_ORIGIN);
+        let origin = HeaderValue::from_str(origin_text).unwrap_or_else(|_| {
+            c.problem(
+                "upstream.origin",
+                "must be a valid header value, e.g. \"https://knoq.one\"",
+            );
+            HeaderValue::from_static(DEFAULT_ORIGIN)
+        });
+        let pool_max_idle = self.pool_max_idle.unwrap_or(DEFAULT_POOL_MAX_IDLE);
+        UpstreamConfig {
+            url,
+            origin,
+            ca_file: self.ca_file.as_deref().map(|p| c.path(p)),
+            connect_timeout: c.positive_duration(
+                "upstream.connect_timeout",
+                self.connect_timeout.as_deref(),
+                DEFAULT_CONNECT_TIMEOUT,
+            ),
+            timeout: c.positive_duration(
+                "upstream.timeout",
+                self.timeout.as_deref(),
+                DEFAULT_UPSTREAM_TIMEOUT,
+            ),
+            pool_idle_timeout: c.positive_duration(
+                "upstream.pool_idle_timeout",
+                self.pool_idle_timeout.as_deref(),
+                DEFAULT_POOL_IDLE_TIMEOUT,
+            ),
+            pool_max_idle,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HASH: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_str(text, Path::new("/etc/kgw"))
+    }
+
+    fn keys(err: ConfigError) -> Vec<String> {
+        err.problems.into_iter().map(|p| p.key).collect()
+    }
+
+    #[test]
+    fn empty_file_gets_every_default() {
+        let c = parse("").unwrap();
+        assert_eq!(c.server.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(c.admin.listen, DEFAULT_ADMIN_LISTEN.parse().unwrap());
+        assert_eq!(c.server.max_body, 1 << 20);
+        assert_eq!(c.upstream.url, "https://knoq.one");
+        assert_eq!(c.upstream.origin, "https://knoq.one");
+        assert_eq!(c.upstream.timeout, Duration::from_secs(60));
+        assert_eq!(c.state.dir, Path::new("/etc/kgw/state"));
+        assert_eq!(c.server.allowed_hosts, ["localhost", "127.0.0.1", "[::1]"]);
+        assert!(c.users.is_empty() && c.tokens.is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err = parse("[server]\nlistn = \"127.0.0.1:1\"\n").unwrap_err();
+        assert!(err.to_string().contains("listn"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let err = parse(&format!(
+            r#"
+            [server]
+            max_body = "lots"
+            header_read_timeout = "0s"
+            [upstream]
+            url = "http://knoq.one"
+            timeout = "60"
+            [[users]]
+            name = "alice"
+            [[tokens]]
+            name = "t"
+            user = "bob"
+            sha256 = "{HASH}"
+            [[tokens]]
+            name = "t"
+            user = "alice"
+            sha256 = "zz"
+            "#
+        ))
+        .unwrap_err();
+        assert_eq!(
+            keys(err),
+            [
+                "server.max_body",
+                "server.header_read_timeout",
+                "upstream.url",
+                "upstream.timeout",
+                "users[0]",
+                "tokens[0].user",
+                "tokens[1].name",
+                "tokens[1].sha256",
+            ]
+        );
+    }
+
+    #[test]
+    fn paths_resolve_against_the_config_directory() {
+        let c = parse(&format!(
+            r#"
+            [[users]]
+            name = "alice"
+            cookie_file = "secrets/alice.cookie"
+            [[users]]
+            name = "bob"
+            cookie_env = "BOB_COOKIE"
+            [[tokens]]
+            name = "svc"
+            user = "alice"
+            sha256 = "{HASH}"
+            "#
+        ))
+        .unwrap();
+        assert_eq!(
+            c.users[0].cookie,
+            CookieSource::File("/etc/kgw/secrets/alice.cookie".into())
+        );
+        assert_eq!(c.users[1].cookie, CookieSource::Env("BOB_COOKIE".into()));
+        assert_eq!(c.tokens[0].sha256[0], 0x9f);
+        assert!(!c.tokens[0].scim);
+    }
+
+    #[test]
+    fn plain_http_upstream_only_on_loopback() {
+        assert!(parse("[upstream]\nurl = \"http://127.0.0.1:9999\"").is_ok());
+        assert!(parse("[upstream]\nurl = \"http://localhost:9999\"").is_ok());
+        assert_eq!(
+            keys(parse("[upstream]\nurl = \"http://10.0.0.1\"").unwrap_err()),
+            ["upstream.url"]
+        );
+        assert_eq!(
+            keys(parse("[upstream]\nurl = \"https://knoq.one/api\"").unwrap_err()),
+            ["upstream.url"]
+        );
+    }
+
+    #[test]
+    fn admin_port_never_equals_clients_port() {
+        let err =
+            parse("[server]\nlisten = \"127.0.0.1:7000\"\n[admin]\nlisten = \"127.0.0.1:7000\"")
+                .unwrap_err();
+        assert_eq!(keys(err), ["admin.listen"]);
+    }
+
+    #[test]
+    fn scim_tokens_need_the_scim_token_file() {
+        let err = parse(&format!(
+            "[[users]]\nname = \"a\"\ncookie_env = \"A\"\n[[tokens]]\nname = \"idp\"\nuser = \"a\"\nsha256 = \"{HASH}\"\nscim = true\n"
+        ))
+        .unwrap_err();
+        assert_eq!(keys(err), ["scim.token_file"]);
+    }
+
+    #[test]
+    fn a_non_loopback_listen_address_is_an_allowed_host() {
+        let c = parse("[server]\nlisten = \"10.1.2.3:8080\"").unwrap();
+        assert!(c.server.allowed_hosts.contains(&"10.1.2.3".to_string()));
+        let c = parse("[server]\nallowed_hosts = [\"GW.internal\"]").unwrap();
+        assert_eq!(c.server.allowed_hosts, ["gw.internal"]);
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../config/gateway.example.toml");
+        let c = parse(text).unwrap_or_else(|e| panic!("example config: {e}"));
+        assert!(!c.users.is_empty() && !c.tokens.is_empty());
+    }
+}
