@@ -1,0 +1,211 @@
+//! A simulated Knoq: an in-memory HTTPS server that behaves like the Knoq API
+//! described in `shared/knoq-api.md`, for the gateway's tests, the demo, the
+//! benchmark and `knoq-gateway mock-knoq`.
+//!
+//! ```text
+//! SimKnoq::start(config, listener) -> SimHandle { addr, base_url, ca_pem, control, shutdown }
+//!
+//! server   accept loop, TLS (ALPN h2/http1.1) or plain, request life cycle, faults, drop guard
+//!   |-> admin     /_sim/ control routes (JSON veneer on SimControl)
+//!   '-> api       managed-agents routes: 401 -> 403 CSRF -> 400 -> 404 -> 429 -> apply
+//!         |-> accounts   users, cookies, rotation, per-user rate logs, monthly quota
+//!         |-> sessions   sessions, event logs, turns      <- agent (tokio tasks answer turns)
+//!         '-> scim       SCIM 2.0 users and the Viewers group (bearer token)
+//! state    Shared: the parts above plus counters and the stop signal
+//! control  SimControl: fail_next, rotate/expire cookies, request log, counters
+//! ```
+//!
+//! Leaf modules (`limits`, `clock`, `faults`, `log`, `reply`) know nothing of
+//! connections. Handlers are synchronous; only `server` and `agent` await,
+//! and no lock is held across an `.await`. Time is tokio time throughout, so
+//! the simulator works under `tokio::time::pause()`.
+//!
+//! Choices where Knoq's docs are silent are documented where they are made:
+//! the cookie is named `knoq_session`; transcript paging and unknown cursors
+//! (`sessions.rs`); check order and when limits count (`api.rs`, `limits.rs`);
+//! fault order (`faults.rs`).
+
+mod accounts;
+mod admin;
+mod agent;
+mod api;
+mod clock;
+mod config;
+mod control;
+mod faults;
+mod limits;
+mod log;
+mod reply;
+mod scim;
+mod server;
+mod sessions;
+mod state;
+mod tls;
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{debug, info};
+
+pub use config::{
+    SimConfig, SimLimits, SimTls, SimUser, Window, DEFAULT_AGENT_DELAY, DEMO_COOKIE, DEMO_USER,
+    KNOQ_ORIGIN, SESSION_COOKIE,
+};
+pub use control::{SimControl, SimSession};
+pub use faults::{Fault, SimRoute};
+pub use log::{SeenRequest, REQUEST_LOG_CAP};
+
+use state::Shared;
+
+/// Starts simulated Knoq servers.
+#[derive(Debug)]
+pub struct SimKnoq;
+
+/// A running simulator. Dropping it stops the server (without waiting);
+/// [`SimHandle::shutdown`] stops it and waits.
+#[derive(Debug)]
+pub struct SimHandle {
+    addr: SocketAddr,
+    tls: bool,
+    ca_pem: Option<String>,
+    control: SimControl,
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+// === impl SimKnoq ===
+
+impl SimKnoq {
+    /// Serves on an already-bound listener (tests bind `127.0.0.1:0`).
+    /// Returns once the accept loop is running.
+    ///
+    /// Fails with `InvalidInput` on a bad user list and `InvalidData` on
+    /// unusable certificate files. Must be called within a tokio runtime.
+    pub async fn start(config: SimConfig, listener: TcpListener) -> io::Result<SimHandle> {
+        let addr = listener.local_addr()?;
+        let tls = tls::setup(&config.tls)?;
+        let (stop, stop_rx) = watch::channel(false);
+        let shared = Arc::new(Shared::new(&config, tls.ca_pem.clone(), stop_rx.clone())?);
+        let task = tokio::spawn(server::run(
+            listener,
+            tls.acceptor.clone(),
+            Arc::clone(&shared),
+            stop_rx,
+        ));
+        Ok(SimHandle {
+            addr,
+            tls: tls.acceptor.is_some(),
+            ca_pem: tls.ca_pem,
+            control: SimControl::new(shared),
+            stop,
+            task: Some(task),
+        })
+    }
+}
+
+// === impl SimHandle ===
+
+impl SimHandle {
+    /// The address the simulator listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `https://127.0.0.1:PORT` (`http://` for plain). An unspecified listen
+    /// address (`0.0.0.0`, `::`) is replaced by loopback, which clients can reach.
+    pub fn base_url(&self) -> String {
+        let ip = match self.addr.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", SocketAddr::new(ip, self.addr.port()))
+    }
+
+    /// PEM of the self-signed certificate, for the client to trust; `None`
+    /// with certificate files or plain HTTP.
+    pub fn ca_pem(&self) -> Option<String> {
+        self.ca_pem.clone()
+    }
+
+    /// A handle to inject faults and inspect state.
+    pub fn control(&self) -> SimControl {
+        self.control.clone()
+    }
+
+    /// Stops accepting, ends hung requests and agent turns, lets open
+    /// connections finish (at most two seconds), and waits. Re-raises a panic
+    /// of the server task.
+    pub async fn shutdown(mut self) {
+        self.stop.send_replace(true);
+        if let Some(task) = self.task.take() {
+            if let Err(error) = task.await {
+                if error.is_panic() {
+                    std::panic::resume_unwind(error.into_panic());
+                }
+            }
+        }
+    }
+}
+
+impl Drop for SimHandle {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+/// Runs a default simulator (one demo user) on `listen` until `shutdown`
+/// resolves: `knoq-gateway mock-knoq`. Logs the address and the demo user's
+/// name, never a cookie; with a self-signed certificate, logs its SHA-256
+/// fingerprint (the PEM is at `GET /_sim/ca`, and in the debug log).
+pub async fn run_standalone(
+    listen: SocketAddr,
+    tls: SimTls,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let listener = TcpListener::bind(listen).await?;
+    let config = SimConfig {
+        tls,
+        ..SimConfig::default()
+    };
+    let handle = SimKnoq::start(config, listener).await?;
+    info!(
+        addr = %handle.addr(),
+        base_url = %handle.base_url(),
+        user = DEMO_USER,
+        "simulated Knoq listening; control interface under /_sim/"
+    );
+    if let Some(pem) = handle.ca_pem() {
+        info!(
+            sha256 = %certificate_fingerprint(&pem),
+            "simulated Knoq uses a self-signed certificate; fetch it from GET /_sim/ca"
+        );
+        debug!(%pem, "simulated Knoq certificate");
+    }
+    shutdown.await;
+    info!("simulated Knoq shutting down");
+    handle.shutdown().await;
+    Ok(())
+}
+
+/// SHA-256 of the certificate's DER, as `AB:CD:..` (what `openssl x509
+/// -fingerprint -sha256` prints), so a human can check what a client trusts.
+fn certificate_fingerprint(pem: &str) -> String {
+    match CertificateDer::from_pem_slice(pem.as_bytes()) {
+        Ok(der) => Sha256::digest(der.as_ref())
+            .iter()
+            .map(|b| format!("{b:02X}"))
+            .collect::<Vec<_>>()
+            .join(":"),
+        Err(_) => "unavailable".to_string(),
+    }
+}
