@@ -1,0 +1,290 @@
+//! The one place that decides what a client sees when the gateway itself
+//! answers: status, stable `code`, message, and extra headers.
+//!
+//! Leaf stages return their own typed errors (`HygieneError`, `AuthError`,
+//! `PathError`, `UpstreamError`); they flow up into [`GatewayError`] and are
+//! mapped here by one exhaustive `match` (no `_ =>` arm, so a new variant
+//! cannot silently become a 500). Bodies are Knoq-shaped JSON,
+//! `{"error": "...", "code": "..."}`, and never carry internal detail: the
+//! cause chain goes to the log, not to the client.
+
+use http::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::{Response, StatusCode};
+use serde_json::json;
+
+use crate::auth::AuthError;
+use crate::body::{self, BoxBody};
+use crate::inspect::{HygieneError, ALLOWED_METHODS};
+use crate::route::PathError;
+use crate::upstream::UpstreamError;
+
+/// Everything that makes the gateway answer instead of Knoq.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Hygiene(#[from] HygieneError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Path(#[from] PathError),
+    #[error("this token may not use the SCIM API")]
+    ScimForbidden,
+    #[error("the gateway has no SCIM token configured")]
+    ScimNotConfigured,
+    #[error("no Knoq session cookie is loaded for user '{user}'")]
+    CredentialMissing { user: String },
+    #[error("the request body is larger than {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("the request body ended abnormally while it was being sent to Knoq")]
+    ClientBodyFailed,
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
+/// Who caused the failure, as pingora's `ErrorSource`: decides log level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// The client sent something we refuse (4xx).
+    Downstream,
+    /// Knoq, or the way to it, failed (5xx).
+    Upstream,
+    /// The gateway's own configuration or state (5xx).
+    Internal,
+}
+
+/// The client-facing form of an error.
+pub struct ErrorReply {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub blame: Blame,
+}
+
+// === impl GatewayError ===
+
+impl GatewayError {
+    pub fn reply(&self) -> ErrorReply {
+        use Blame::*;
+        let (status, code, blame) = match self {
+            GatewayError::Hygiene(h) => match h {
+                HygieneError::NotOriginForm => {
+                    (StatusCode::BAD_REQUEST, "bad_request_target", Downstream)
+                }
+                HygieneError::MethodNotAllowed(_) => (
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    Downstream,
+                ),
+                HygieneError::UnderscoreHeader => {
+                    (StatusCode::BAD_REQUEST, "bad_header_name", Downstream)
+                }
+                HygieneError::AmbiguousFraming => {
+                    (StatusCode::BAD_REQUEST, "ambiguous_framing", Downstream)
+                }
+                HygieneError::HeadersTooLarge { .. } => (
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "headers_too_large",
+                    Downstream,
+                ),
+                HygieneError::MissingHost => (StatusCode::BAD_REQUEST, "missing_host", Downstream),
+                HygieneError::MisdirectedHost => (
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "misdirected_request",
+                    Downstream,
+                ),
+            },
+            GatewayError::Auth(_) => (StatusCode::UNAUTHORIZED, "unauthorized", Downstream),
+            GatewayError::Path(p) if p.is_not_found() => {
+                (StatusCode::NOT_FOUND, "not_found", Downstream)
+            }
+            GatewayError::Path(_) => (StatusCode::BAD_REQUEST, "bad_path", Downstream),
+            GatewayError::ScimForbidden => (StatusCode::FORBIDDEN, "forbidden", Downstream),
+            GatewayError::ScimNotConfigured => {
+                (StatusCode::FORBIDDEN, "scim_not_configured", Internal)
+            }
+            GatewayError::CredentialMissing { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream_credential_missing",
+                Internal,
+            ),
+            GatewayError::BodyTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", Downstream)
+            }
+            GatewayError::ClientBodyFailed => {
+                (StatusCode::BAD_REQUEST, "bad_request_body", Downstream)
+            }
+            GatewayError::Upstream(u) => match u {
+                UpstreamError::Connect(_) => {
+                    (StatusCode::BAD_GATEWAY, "upstream_unreachable", Upstream)
+                }
+                UpstreamError::Tls(_) => (StatusCode::BAD_GATEWAY, "upstream_tls", Upstream),
+                UpstreamError::Timeout(_) => {
+                    (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", Upstream)
+                }
+                UpstreamError::Reset(_) => (StatusCode::BAD_GATEWAY, "upstream_reset", Upstream),
+                UpstreamError::Protocol(_) => {
+                    (StatusCode::BAD_GATEWAY, "upstream_bad_response", Upstream)
+                }
+            },
+        };
+        ErrorReply {
+            status,
+            code,
+            message: self.client_message(),
+            blame,
+        }
+    }
+
+    /// What the client reads: what happened and what to do. Built from our
+    /// own words only, never from a cause's text (which may carry detail).
+    fn client_message(&self) -> String {
+        match self {
+            GatewayError::Auth(e) => format!("{e}; get a token from the gateway's operator"),
+            GatewayError::ScimNotConfigured => {
+                "SCIM is not enabled on this gateway; ask its operator to set scim.token_file".into()
+            }
+            GatewayError::CredentialMissing { user } => format!(
+                "the gateway has no Knoq session cookie for user '{user}'; its operator must provide one"
+            ),
+            GatewayError::Upstream(UpstreamError::Connect(_)) => {
+                "Knoq could not be reached; retry later".into()
+            }
+            GatewayError::Upstream(UpstreamError::Tls(_)) => {
+                "the TLS connection to Knoq failed (certificate or protocol); retry later or ask the gateway's operator".into()
+            }
+            GatewayError::Upstream(UpstreamError::Timeout(d)) => format!(
+                "Knoq did not answer within {}; it may still have acted on the request",
+                crate::units::format_duration(*d)
+            ),
+            GatewayError::Upstream(UpstreamError::Reset(_)) => {
+                "the connection to Knoq closed before a complete answer; it may still have acted on the request".into()
+            }
+            other => other.to_string(),
+        }
+    }
+
+    /// Builds the JSON response for this error.
+    pub fn into_response(self) -> Response<BoxBody> {
+        let reply = self.reply();
+        let mut rsp = Response::builder()
+            .status(reply.status)
+            .header(CONTENT_TYPE, "application/json");
+        match &self {
+            GatewayError::Auth(AuthError::Unknown) => {
+                rsp = rsp.header(WWW_AUTHENTICATE, "Bearer error=\"invalid_token\"");
+            }
+            GatewayError::Auth(_) => rsp = rsp.header(WWW_AUTHENTICATE, "Bearer"),
+            GatewayError::Hygiene(HygieneError::MethodNotAllowed(_)) => {
+                rsp = rsp.header(ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
+            }
+            // The framing of the rest of the stream is unknowable: close it.
+            GatewayError::Hygiene(HygieneError::AmbiguousFraming) => {
+                rsp = rsp.header(CONNECTION, "close");
+            }
+            GatewayError::CredentialMissing { .. } => rsp = rsp.header(RETRY_AFTER, "60"),
+            _ => {}
+        }
+        rsp.body(body::json(
+            &json!({ "error": reply.message, "code": reply.code }),
+        ))
+        .expect("static status and headers make a valid response")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status_and_code(e: GatewayError) -> (u16, &'static str) {
+        let r = e.reply();
+        (r.status.as_u16(), r.code)
+    }
+
+    #[test]
+    fn each_error_maps_to_its_documented_status() {
+        let io = || -> crate::body::BoxError { "x".into() };
+        let cases: Vec<(GatewayError, u16, &str)> = vec![
+            (
+                HygieneError::NotOriginForm.into(),
+                400,
+                "bad_request_target",
+            ),
+            (
+                HygieneError::MethodNotAllowed(http::Method::TRACE).into(),
+                405,
+                "method_not_allowed",
+            ),
+            (
+                HygieneError::UnderscoreHeader.into(),
+                400,
+                "bad_header_name",
+            ),
+            (
+                HygieneError::AmbiguousFraming.into(),
+                400,
+                "ambiguous_framing",
+            ),
+            (
+                HygieneError::HeadersTooLarge { limit: 1 }.into(),
+                431,
+                "headers_too_large",
+            ),
+            (
+                HygieneError::MisdirectedHost.into(),
+                421,
+                "misdirected_request",
+            ),
+            (AuthError::Missing.into(), 401, "unauthorized"),
+            (AuthError::Unknown.into(), 401, "unauthorized"),
+            (PathError::NotFound.into(), 404, "not_found"),
+            (PathError::DotSegment.into(), 400, "bad_path"),
+            (GatewayError::ScimForbidden, 403, "forbidden"),
+            (
+                GatewayError::BodyTooLarge { limit: 1 },
+                413,
+                "body_too_large",
+            ),
+            (GatewayError::ClientBodyFailed, 400, "bad_request_body"),
+            (
+                UpstreamError::Connect(io()).into(),
+                502,
+                "upstream_unreachable",
+            ),
+            (UpstreamError::Tls(io()).into(), 502, "upstream_tls"),
+            (UpstreamError::Reset(io()).into(), 502, "upstream_reset"),
+            (
+                UpstreamError::Protocol(io()).into(),
+                502,
+                "upstream_bad_response",
+            ),
+            (
+                UpstreamError::Timeout(std::time::Duration::from_secs(1)).into(),
+                504,
+                "upstream_timeout",
+            ),
+            (
+                GatewayError::CredentialMissing { user: "a".into() },
+                503,
+                "upstream_credential_missing",
+            ),
+        ];
+        for (err, status, code) in cases {
+            assert_eq!(status_and_code(err), (status, code));
+        }
+    }
+
+    #[test]
+    fn upstream_cause_text_never_reaches_the_client() {
+        let err = GatewayError::Upstream(UpstreamError::Connect(
+            "dns lookup of secret-host failed".into(),
+        ));
+        assert!(!err.reply().message.contains("secret-host"));
+    }
+
+    #[test]
+    fn unauthorized_carries_www_authenticate() {
+        let rsp = GatewayError::Auth(AuthError::Missing).into_response();
+        assert_eq!(rsp.headers()[WWW_AUTHENTICATE], "Bearer");
+        assert_eq!(rsp.headers()[CONTENT_TYPE], "application/json");
+    }
+}

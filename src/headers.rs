@@ -1,0 +1,280 @@
+//! Header rewriting in both directions, and a redacting view for logs.
+//!
+//! Towards Knoq the gateway removes everything that identifies or routes
+//! the client (its credentials, `Host`, forwarding headers) and every
+//! hop-by-hop header (RFC 9110 §7.6.1, including any header the client
+//! names in `Connection`), *then* injects the user's cookie and Origin. The
+//! order matters: a client naming `Cookie` in `Connection` cannot strip the
+//! injected one, because stripping happens first.
+//!
+//! Back to the client, hop-by-hop headers, `Set-Cookie` (a cookie is a whole
+//! Knoq account), CORS headers (the gateway is not a browser endpoint) and
+//! `Alt-Svc` (it would point a client at Knoq directly) are removed.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+use http::header::{
+    HeaderName, ALT_SVC, AUTHORIZATION, CONNECTION, COOKIE, EXPECT, FORWARDED, HOST, ORIGIN,
+    PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, SET_COOKIE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
+use http::{HeaderMap, HeaderValue};
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1 plus the legacy `Proxy-Connection`).
+const HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION,
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
+];
+
+/// Removes hop-by-hop headers and every header named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// What the gateway authenticates to Knoq with on one request.
+pub enum UpstreamAuth<'a> {
+    /// Managed-agents routes: the user's session cookie.
+    Cookie(&'a HeaderValue),
+    /// SCIM routes: `Bearer <scim token>`, no cookie.
+    Bearer(&'a HeaderValue),
+}
+
+/// Rewrites a client's request headers into the ones sent to Knoq.
+///
+/// `Host` is removed: the upstream client sets it from the upstream URL, so
+/// the client's `Host` never chooses or reaches the upstream.
+pub fn rewrite_request(headers: &mut HeaderMap, auth: UpstreamAuth<'_>, origin: &HeaderValue) {
+    strip_hop_by_hop(headers);
+    // `Expect` is answered by the gateway's own server (hyper sends
+    // `100 Continue` once the body is read, i.e. after authentication).
+    for name in [AUTHORIZATION, COOKIE, ORIGIN, HOST, FORWARDED, EXPECT] {
+        headers.remove(name);
+    }
+    let forwarded: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| n.as_str().starts_with("x-forwarded-") || n.as_str() == "x-real-ip")
+        .cloned()
+        .collect();
+    for name in forwarded {
+        headers.remove(name);
+    }
+    match auth {
+        UpstreamAuth::Cookie(cookie) => headers.insert(COOKIE, cookie.clone()),
+        UpstreamAuth::Bearer(bearer) => headers.insert(AUTHORIZATION, bearer.clone()),
+    };
+    headers.insert(ORIGIN, origin.clone());
+}
+
+/// Filters Knoq's response headers for the client. Returns the `Set-Cookie`
+/// values removed, for the credential store to apply.
+pub fn filter_response(headers: &mut HeaderMap) -> Vec<HeaderValue> {
+    strip_hop_by_hop(headers);
+    headers.remove(ALT_SVC);
+    let cors: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| n.as_str().starts_with("access-control-"))
+        .cloned()
+        .collect();
+    for name in cors {
+        headers.remove(name);
+    }
+    match headers.entry(SET_COOKIE) {
+        http::header::Entry::Occupied(e) => e.remove_entry_mult().1.collect(),
+        http::header::Entry::Vacant(_) => Vec::new(),
+    }
+}
+
+/// The request id: a sane client-supplied `X-Request-Id` is kept (so a
+/// tool can correlate its own logs), anything else is replaced.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    let sane = |v: &HeaderValue| {
+        let b = v.as_bytes();
+        !b.is_empty()
+            && b.len() <= 128
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
+    };
+    match headers.get(X_REQUEST_ID) {
+        Some(v) if sane(v) => v.clone(),
+        _ => generate_request_id(),
+    }
+}
+
+/// A process-unique id: a random per-process prefix and a counter, so no
+/// system call per request.
+fn generate_request_id() -> HeaderValue {
+    static PREFIX: OnceLock<u32> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = PREFIX.get_or_init(|| {
+        let mut b = [0u8; 4];
+        getrandom::getrandom(&mut b).expect("the OS random source is available");
+        u32::from_le_bytes(b)
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    HeaderValue::from_str(&format!("kgw-{prefix:08x}-{n:012x}"))
+        .expect("hex digits are a valid header value")
+}
+
+/// A `Debug` view of headers that masks every credential-bearing value.
+pub struct Redacted<'a>(pub &'a HeaderMap);
+
+impl fmt::Debug for Redacted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut map = f.debug_map();
+        for (name, value) in self.0 {
+            if is_secret(name) || value.is_sensitive() {
+                map.entry(&name.as_str(), &"<redacted>");
+            } else {
+                map.entry(&name.as_str(), &value);
+            }
+        }
+        map.finish()
+    }
+}
+
+fn is_secret(name: &HeaderName) -> bool {
+    [AUTHORIZATION, PROXY_AUTHORIZATION, COOKIE, SET_COOKIE].contains(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn request_loses_client_identity_and_gains_the_users_cookie() {
+        let mut h = map(&[
+            ("authorization", "Bearer kgw_x"),
+            ("cookie", "evil=1"),
+            ("origin", "https://evil.example"),
+            ("host", "127.0.0.1:8080"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-host", "evil"),
+            ("forwarded", "for=1.2.3.4"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("content-type", "application/json"),
+            ("x-custom", "kept"),
+        ]);
+        let cookie = HeaderValue::from_static("knoq_session=abc");
+        let origin = HeaderValue::from_static("https://knoq.one");
+        rewrite_request(&mut h, UpstreamAuth::Cookie(&cookie), &origin);
+        assert_eq!(h.get_all(COOKIE).iter().collect::<Vec<_>>(), [&cookie]);
+        assert_eq!(h.get_all(ORIGIN).iter().collect::<Vec<_>>(), [&origin]);
+        for gone in [
+            "authorization",
+            "host",
+            "x-forwarded-for",
+            "x-forwarded-host",
+            "forwarded",
+            "keep-alive",
+            "te",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} should be gone");
+        }
+        assert_eq!(h["content-type"], "application/json");
+        assert_eq!(h["x-custom"], "kept");
+    }
+
+    #[test]
+    fn naming_cookie_in_connection_cannot_strip_the_injected_cookie() {
+        let mut h = map(&[
+            ("connection", "cookie, origin, x-custom"),
+            ("x-custom", "1"),
+        ]);
+        let cookie = HeaderValue::from_static("knoq_session=abc");
+        let origin = HeaderValue::from_static("https://knoq.one");
+        rewrite_request(&mut h, UpstreamAuth::Cookie(&cookie), &origin);
+        assert_eq!(h[COOKIE], cookie);
+        assert_eq!(h[ORIGIN], origin);
+        assert!(!h.contains_key("x-custom"), "named in Connection");
+        assert!(!h.contains_key(CONNECTION));
+    }
+
+    #[test]
+    fn scim_requests_carry_the_scim_bearer_and_no_cookie() {
+        let mut h = map(&[("cookie", "a=b"), ("authorization", "Bearer kgw_x")]);
+        let bearer = HeaderValue::from_static("Bearer scim-secret");
+        rewrite_request(
+            &mut h,
+            UpstreamAuth::Bearer(&bearer),
+            &HeaderValue::from_static("o"),
+        );
+        assert_eq!(h[AUTHORIZATION], bearer);
+        assert!(!h.contains_key(COOKIE));
+    }
+
+    #[test]
+    fn response_loses_set_cookie_cors_alt_svc_and_hop_by_hop() {
+        let mut h = map(&[
+            ("set-cookie", "knoq_session=new; Path=/"),
+            ("set-cookie", "other=1"),
+            ("access-control-allow-origin", "*"),
+            ("alt-svc", "h3=\":443\""),
+            ("connection", "x-hop"),
+            ("x-hop", "1"),
+            ("content-type", "application/json"),
+            ("retry-after", "3"),
+        ]);
+        let cookies = filter_response(&mut h);
+        assert_eq!(cookies.len(), 2);
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-type", "retry-after"]);
+    }
+
+    #[test]
+    fn request_ids_are_kept_when_sane_and_unique_otherwise() {
+        let kept = request_id(&map(&[("x-request-id", "abc-123.4:5")]));
+        assert_eq!(kept, "abc-123.4:5");
+        let a = request_id(&map(&[("x-request-id", "has space")]));
+        let b = request_id(&HeaderMap::new());
+        assert_ne!(a, b);
+        assert!(a.to_str().unwrap().starts_with("kgw-"));
+        let long = "a".repeat(129);
+        assert_ne!(request_id(&map(&[("x-request-id", &long)])), long.as_str());
+    }
+
+    #[test]
+    fn redacted_view_masks_credentials() {
+        let h = map(&[
+            ("authorization", "Bearer kgw_SECRET"),
+            ("cookie", "knoq_session=SECRET"),
+            ("x-ok", "visible"),
+        ]);
+        let text = format!("{:?}", Redacted(&h));
+        assert!(!text.contains("SECRET"), "{text}");
+        assert!(text.contains("visible"));
+    }
+}

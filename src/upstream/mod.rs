@@ -1,0 +1,173 @@
+//! The upstream call: one exchange with Knoq over pooled HTTPS connections.
+//!
+//! A hyper-util legacy `Client` with a rustls connector: HTTP/2 or HTTP/1.1
+//! chosen by ALPN, keep-alive pooling (no TLS handshake per request),
+//! redirects never followed (the client never follows them; a 3xx goes back
+//! to the caller as is). One deadline bounds the whole exchange: connect,
+//! TLS, request, response head, and the response body as it streams.
+//!
+//! Contract: `send` takes a request whose headers are already rewritten and
+//! returns Knoq's response untouched, or an [`UpstreamError`] that says what
+//! failed. It knows nothing of users, routes or HTTP status mapping.
+
+use std::error::Error as StdError;
+use std::io;
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri, Version};
+use http_body_util::BodyExt;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::time::Instant;
+
+use crate::body::{BoxBody, BoxError, Deadline};
+use crate::config::UpstreamConfig;
+
+/// What went wrong talking to Knoq, without an HTTP answer to show for it.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("could not connect to Knoq")]
+    Connect(#[source] BoxError),
+    #[error("the TLS handshake with Knoq failed")]
+    Tls(#[source] BoxError),
+    #[error("Knoq did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the connection to Knoq was closed before a complete answer")]
+    Reset(#[source] BoxError),
+    #[error("Knoq's answer was not valid HTTP")]
+    Protocol(#[source] BoxError),
+}
+
+/// The client towards Knoq. Cheap to share: clone the `Arc` around it.
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, BoxBody>,
+    scheme: Scheme,
+    authority: Authority,
+    timeout: Duration,
+}
+
+// === impl Upstream ===
+
+impl Upstream {
+    pub fn new(config: &UpstreamConfig, tls: rustls::ClientConfig) -> Self {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.connect_timeout));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .pool_max_idle_per_host(config.pool_max_idle)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(https);
+        Upstream {
+            client,
+            scheme: config
+                .url
+                .scheme()
+                .cloned()
+                .expect("config validation guarantees a scheme"),
+            authority: config
+                .url
+                .authority()
+                .cloned()
+                .expect("config validation guarantees a host"),
+            timeout: config.timeout,
+        }
+    }
+
+    /// The upstream URI for a client's path and query.
+    pub fn uri_for(&self, path_and_query: Option<&PathAndQuery>) -> Uri {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(
+            path_and_query
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
+        Uri::from_parts(parts).expect("scheme, authority and path make a valid URI")
+    }
+
+    /// Sends one request and returns Knoq's response, its body bounded by
+    /// the same deadline as the head.
+    pub async fn send(
+        &self,
+        mut req: Request<BoxBody>,
+    ) -> Result<Response<BoxBody>, UpstreamError> {
+        // The connector picks HTTP/2 or HTTP/1.1 by ALPN; the request must
+        // not insist on the version the client happened to speak to us.
+        *req.version_mut() = Version::HTTP_11;
+        let deadline = Instant::now() + self.timeout;
+        let response = tokio::time::timeout_at(deadline, self.client.request(req))
+            .await
+            .map_err(|_| UpstreamError::Timeout(self.timeout))?
+            .map_err(classify)?;
+        Ok(response.map(|body| Deadline::new(body, deadline).boxed_unsync()))
+    }
+}
+
+/// Sorts a client error into what an operator can act on.
+fn classify(err: hyper_util::client::legacy::Error) -> UpstreamError {
+    let causes = || chain(&err);
+    if causes().any(is_tls) {
+        return UpstreamError::Tls(err.into());
+    }
+    if err.is_connect() {
+        return UpstreamError::Connect(err.into());
+    }
+    let hyper_err = causes().find_map(|e| e.downcast_ref::<hyper::Error>());
+    if let Some(h) = hyper_err {
+        if h.is_parse() || h.is_parse_status() {
+            return UpstreamError::Protocol(err.into());
+        }
+    }
+    let reset = causes().any(|e| {
+        e.downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_incomplete_message() || h.is_canceled() || h.is_closed())
+            || e.downcast_ref::<io::Error>().is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::BrokenPipe
+                        | io::ErrorKind::UnexpectedEof
+                        | io::ErrorKind::ConnectionAborted
+                )
+            })
+    });
+    if reset {
+        return UpstreamError::Reset(err.into());
+    }
+    UpstreamError::Protocol(err.into())
+}
+
+/// Is this a rustls error, possibly wrapped in (nested) `io::Error`s? The
+/// TLS stack reports handshake failures that way, and `io::Error::source`
+/// skips the wrapped error, so the plain cause chain does not reach it.
+fn is_tls(mut e: &(dyn StdError + 'static)) -> bool {
+    loop {
+        if e.is::<rustls::Error>() {
+            return true;
+        }
+        match e.downcast_ref::<io::Error>().and_then(|io| io.get_ref()) {
+            Some(inner) => e = inner,
+            None => return false,
+        }
+    }
+}
+
+/// The error and every cause below it.
+fn chain<'a>(
+    err: &'a (dyn StdError + 'static),
+) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
+    std::iter::successors(Some(err), |e| (*e).source())
+}
