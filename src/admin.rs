@@ -1,0 +1,88 @@
+//! The admin port: health endpoints for operators and load balancers.
+//! Served on its own listener (loopback by default), never on the clients'
+//! port, and it never touches the request pipeline.
+//!
+//! | method | path       | answer |
+//! |--------|------------|--------|
+//! | GET    | `/healthz` | 200 `{"status":"ok"}` while the process runs |
+//! | GET    | `/readyz`  | 200 when the config is loaded and every user's cookie is present, else 503 naming the users |
+//!
+//! Anything else: 404, or 405 for a known path with another method. All
+//! bodies are JSON and name no secret.
+
+use std::sync::Arc;
+
+use http::header::{ALLOW, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde_json::json;
+
+use crate::body::{self, BoxBody};
+use crate::credentials::Credentials;
+use crate::server::Handler;
+
+pub struct Admin {
+    credentials: Arc<Credentials>,
+}
+
+impl Admin {
+    pub fn new(credentials: Arc<Credentials>) -> Self {
+        Admin { credentials }
+    }
+
+    fn readyz(&self) -> Response<BoxBody> {
+        let missing: Vec<String> = self
+            .credentials
+            .status()
+            .into_iter()
+            .filter(|s| !s.present)
+            .map(|s| s.user)
+            .collect();
+        if missing.is_empty() {
+            json_rsp(StatusCode::OK, json!({ "status": "ready" }))
+        } else {
+            json_rsp(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({ "status": "not_ready", "credentials_missing": missing }),
+            )
+        }
+    }
+}
+
+impl Handler for Admin {
+    async fn handle(&self, req: Request<Incoming>) -> Response<BoxBody> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET | &Method::HEAD, "/healthz") => {
+                json_rsp(StatusCode::OK, json!({ "status": "ok" }))
+            }
+            (&Method::GET | &Method::HEAD, "/readyz") => self.readyz(),
+            (_, "/healthz" | "/readyz") => method_not_allowed(),
+            _ => not_found(),
+        }
+    }
+}
+
+fn json_rsp(status: StatusCode, value: serde_json::Value) -> Response<BoxBody> {
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, "application/json")
+        .body(body::json(&value))
+        .expect("static status and headers make a valid response")
+}
+
+fn not_found() -> Response<BoxBody> {
+    json_rsp(
+        StatusCode::NOT_FOUND,
+        json!({ "error": "no such admin endpoint; try /healthz or /readyz", "code": "not_found" }),
+    )
+}
+
+fn method_not_allowed() -> Response<BoxBody> {
+    let mut rsp = json_rsp(
+        StatusCode::METHOD_NOT_ALLOWED,
+        json!({ "error": "use GET", "code": "method_not_allowed" }),
+    );
+    rsp.headers_mut()
+        .insert(ALLOW, http::HeaderValue::from_static("GET, HEAD"));
+    rsp
+}

@@ -1,0 +1,187 @@
+//! knoq-gateway: a local authenticating reverse proxy for the Knoq API.
+//!
+//! Internal services call the gateway with a plain bearer token; the gateway
+//! maps the token to a Knoq account, attaches that account's session cookie
+//! and the `Origin` Knoq's CSRF guard wants, and forwards the request.
+//!
+//! # Map
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`config`] | the TOML file: raw layer, validated `Config`, every problem with its key |
+//! | [`units`] | duration and size parsing |
+//! | [`secrets`] | reading secret files (mode and symlink checks) |
+//! | [`tls`] | rustls server and client configs (ring provider only) |
+//! | [`server`] | accept loop, per-connection limits, graceful drain |
+//! | [`pipeline`] | the per-request stages, in order, and the one log line |
+//! | [`inspect`] | request hygiene: target form, methods, header names, framing, size, Host |
+//! | [`auth`] | bearer token to principal |
+//! | [`route`] | normal-form path check and endpoint classification |
+//! | [`credentials`] | each user's cookie and the SCIM token |
+//! | [`headers`] | rewriting headers both ways; redacted view for logs |
+//! | [`upstream`] | the pooled HTTPS client towards Knoq, typed errors |
+//! | [`error`] | the one map from errors to status, code and JSON body |
+//! | [`body`] | body type and helpers (JSON, deadline, in-flight guard) |
+//! | [`admin`] | `/healthz`, `/readyz` on the admin port |
+//! | [`sim`] | the simulated Knoq used by tests, the demo and the benchmark |
+//! | [`demo`] | `knoq-gateway demo`: simulated Knoq and gateway in one process |
+//!
+//! # Request flow
+//!
+//! ```text
+//! server::serve -> pipeline::Gateway::handle
+//!     -> inspect -> auth -> route -> credentials -> headers (rewrite)
+//!     -> upstream::send -> headers (filter) -> response
+//!     (one log line per request, at the end)
+//! ```
+//!
+//! Dependencies point down that list: leaf modules know nothing of HTTP
+//! status codes (only `error` does) or of each other. Config is read once at
+//! start-up; each stage gets only its own piece of it.
+
+pub mod admin;
+pub mod auth;
+pub mod body;
+pub mod cli;
+pub mod config;
+pub mod credentials;
+pub mod demo;
+pub mod error;
+pub mod headers;
+pub mod inspect;
+pub mod logging;
+pub mod pipeline;
+pub mod route;
+pub mod secrets;
+pub mod server;
+pub mod shutdown;
+pub mod sim;
+pub mod tls;
+pub mod units;
+pub mod upstream;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::admin::Admin;
+use crate::config::{Config, ConfigError, Problem};
+use crate::credentials::Credentials;
+use crate::inspect::HygieneRules;
+use crate::pipeline::Gateway;
+use crate::server::ServeOptions;
+use crate::upstream::Upstream;
+
+/// A gateway ready to serve: every file read, every check passed.
+pub struct Prepared {
+    pub config: Arc<Config>,
+    gateway: Arc<Gateway>,
+    admin: Arc<Admin>,
+    tls: Option<TlsAcceptor>,
+}
+
+/// Reads every file the config names and builds the gateway, reporting
+/// every problem at once. Binds nothing: `check` uses this too.
+pub fn prepare(config: Config) -> Result<Prepared, ConfigError> {
+    let mut problems: Vec<Problem> = Vec::new();
+    let credentials = Credentials::load(&config)
+        .map_err(|p| problems.extend(p))
+        .ok();
+    let server_tls = match &config.server.tls {
+        None => None,
+        Some(files) => tls::server_config(files)
+            .map_err(|e| problems.push(Problem::new("server.tls_key", e)))
+            .ok(),
+    };
+    let client_tls = tls::client_config(config.upstream.ca_file.as_deref())
+        .map_err(|e| problems.push(Problem::new("upstream.ca_file", e)))
+        .ok();
+    let (Some(credentials), Some(client_tls)) = (credentials, client_tls) else {
+        return Err(problems.into());
+    };
+    if !problems.is_empty() {
+        return Err(problems.into());
+    }
+    let credentials = Arc::new(credentials);
+    let gateway = Gateway {
+        hygiene: HygieneRules {
+            max_header_bytes: config.server.max_header_bytes,
+            allowed_hosts: config.server.allowed_hosts.clone(),
+        },
+        max_body: config.server.max_body,
+        tokens: auth::TokenTable::new(&config.tokens),
+        credentials: credentials.clone(),
+        upstream: Upstream::new(&config.upstream, client_tls),
+        origin: config.upstream.origin.clone(),
+    };
+    Ok(Prepared {
+        gateway: Arc::new(gateway),
+        admin: Arc::new(Admin::new(credentials)),
+        tls: server_tls.map(|c| TlsAcceptor::from(Arc::new(c))),
+        config: Arc::new(config),
+    })
+}
+
+/// Creates the state directory (mode 0700) if it does not exist yet.
+pub fn ensure_state_dir(config: &Config) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = &config.state.dir;
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    Ok(())
+}
+
+/// Serves the clients' port and the admin port until `shutdown` resolves,
+/// then drains both within `server.shutdown_grace`.
+pub async fn run(
+    prepared: Prepared,
+    proxy: TcpListener,
+    admin: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) {
+    let server = &prepared.config.server;
+    let proxy_opts = ServeOptions {
+        tls: prepared.tls.clone(),
+        header_read_timeout: server.header_read_timeout,
+        idle_timeout: server.idle_timeout,
+        max_connections: server.max_connections,
+        max_header_bytes: server.max_header_bytes,
+        shutdown_grace: server.shutdown_grace,
+    };
+    let admin_opts = ServeOptions {
+        tls: None,
+        max_connections: 64,
+        ..proxy_opts.clone()
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let proxy_task = server::serve(
+        proxy,
+        prepared.gateway.clone(),
+        proxy_opts,
+        stopped(stop_rx.clone()),
+    );
+    let admin_task = server::serve(admin, prepared.admin.clone(), admin_opts, stopped(stop_rx));
+    let signal = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    tokio::join!(proxy_task, admin_task, signal);
+}
+
+impl server::Handler for Gateway {
+    fn handle(
+        &self,
+        req: http::Request<hyper::body::Incoming>,
+    ) -> impl Future<Output = http::Response<body::BoxBody>> + Send {
+        Gateway::handle(self, req)
+    }
+}

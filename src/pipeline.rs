@@ -1,0 +1,183 @@
+//! The request pipeline: one straight line of stages per request.
+//!
+//! ```text
+//! handle (outer: request id, one log line, error -> response)
+//!   └─ handle_inner
+//!        hygiene  -> inspect.rs   (400/405/421/431; nothing read yet)
+//!        auth     -> auth.rs      (401)
+//!        route    -> route.rs     (400/404; SCIM needs a scim token: 403)
+//!        body cap -> Content-Length against server.max_body (413)
+//!        credential -> credentials.rs (the user's cookie or the SCIM token)
+//!        rewrite  -> headers.rs   (strip client identity, inject cookie + Origin)
+//!        upstream -> upstream/    (one exchange, deadline-bounded)
+//!        response -> headers.rs   (strip Set-Cookie, hop-by-hop, CORS, Alt-Svc)
+//! ```
+//!
+//! Each stage returns a typed error that `?` lifts into `GatewayError`;
+//! only `error.rs` turns it into a status. The body is never read before
+//! authentication, so `Expect: 100-continue` is answered only for a valid
+//! token (hyper sends `100 Continue` when the body is first polled). Both
+//! bodies stream; a client that goes away drops this future, and with it
+//! the upstream request.
+
+use std::sync::Arc;
+
+use http::header::CONTENT_LENGTH;
+use http::{HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::auth::{Principal, TokenTable};
+use crate::body::{self, BodyFault, BoxBody};
+use crate::credentials::Credentials;
+use crate::error::{Blame, GatewayError};
+use crate::headers::{self, UpstreamAuth, X_REQUEST_ID};
+use crate::inspect::HygieneRules;
+use crate::route::{self, Route};
+use crate::upstream::Upstream;
+
+/// Everything the request path needs, built once at start-up.
+pub struct Gateway {
+    pub(crate) hygiene: HygieneRules,
+    pub(crate) max_body: u64,
+    pub(crate) tokens: TokenTable,
+    pub(crate) credentials: Arc<Credentials>,
+    pub(crate) upstream: Upstream,
+    pub(crate) origin: HeaderValue,
+}
+
+/// Facts the stages learn about one request, read once at the end for the
+/// log line (and, later, metrics): pingora's per-request `CTX`.
+struct RequestCtx {
+    request_id: HeaderValue,
+    start: Instant,
+    route: Option<Route>,
+    principal: Option<Principal>,
+    upstream_status: Option<StatusCode>,
+}
+
+// === impl Gateway ===
+
+impl Gateway {
+    /// Runs the pipeline for one request. Never fails: errors become JSON.
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<BoxBody> {
+        let mut ctx = RequestCtx {
+            request_id: headers::request_id(req.headers()),
+            start: Instant::now(),
+            route: None,
+            principal: None,
+            upstream_status: None,
+        };
+        let method = req.method().clone();
+        let result = self.handle_inner(req, &mut ctx).await;
+        let mut rsp = match result {
+            Ok(rsp) => rsp,
+            Err(err) => {
+                let reply = err.reply();
+                // Causes go to the log (never to the client); a client's
+                // own mistake is not worth a warning.
+                match reply.blame {
+                    Blame::Downstream => {
+                        tracing::debug!(request_id = ?ctx.request_id, code = reply.code, error = %err, "refused")
+                    }
+                    Blame::Upstream | Blame::Internal => tracing::warn!(
+                        request_id = ?ctx.request_id,
+                        code = reply.code,
+                        error = %err,
+                        cause = ?std::error::Error::source(&err).map(ToString::to_string),
+                        "request failed"
+                    ),
+                }
+                err.into_response()
+            }
+        };
+        rsp.headers_mut()
+            .insert(X_REQUEST_ID, ctx.request_id.clone());
+        let (user, token) = match &ctx.principal {
+            Some(p) => (&*p.user, &*p.token),
+            None => ("-", "-"),
+        };
+        tracing::info!(
+            request_id = ctx.request_id.to_str().unwrap_or("-"),
+            method = %method,
+            route = ctx.route.map_or("-", Route::label),
+            user,
+            token,
+            status = rsp.status().as_u16(),
+            upstream_status = ctx.upstream_status.map(|s| s.as_u16()),
+            duration_ms = ctx.start.elapsed().as_secs_f64() * 1000.0,
+            "request"
+        );
+        rsp
+    }
+
+    async fn handle_inner(
+        &self,
+        req: Request<Incoming>,
+        ctx: &mut RequestCtx,
+    ) -> Result<Response<BoxBody>, GatewayError> {
+        let (mut parts, body) = req.into_parts();
+        self.hygiene.check(&parts)?;
+
+        let principal = self.tokens.authenticate(&parts.headers)?.clone();
+        ctx.principal = Some(principal.clone());
+
+        let route = route::classify(&parts.method, parts.uri.path())?;
+        ctx.route = Some(route);
+
+        let declared = parts
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > self.max_body) {
+            return Err(GatewayError::BodyTooLarge {
+                limit: self.max_body,
+            });
+        }
+
+        let cookie;
+        let auth = if route.is_scim() {
+            if !principal.scim {
+                return Err(GatewayError::ScimForbidden);
+            }
+            UpstreamAuth::Bearer(
+                self.credentials
+                    .scim_bearer()
+                    .ok_or(GatewayError::ScimNotConfigured)?,
+            )
+        } else {
+            cookie = self.credentials.cookie(&principal.user).ok_or_else(|| {
+                GatewayError::CredentialMissing {
+                    user: principal.user.to_string(),
+                }
+            })?;
+            UpstreamAuth::Cookie(&cookie)
+        };
+        headers::rewrite_request(&mut parts.headers, auth, &self.origin);
+        parts.headers.insert(X_REQUEST_ID, ctx.request_id.clone());
+        parts.uri = self.upstream.uri_for(parts.uri.path_and_query());
+
+        // The cap catches a body that outgrows its (absent) Content-Length
+        // while streaming; the watch says so if the upstream call fails.
+        let (body, watch) = body::capped(body, self.max_body);
+        let mut rsp = match self.upstream.send(Request::from_parts(parts, body)).await {
+            Ok(rsp) => rsp,
+            Err(e) => {
+                return Err(match watch.fault() {
+                    Some(BodyFault::TooLarge) => GatewayError::BodyTooLarge {
+                        limit: self.max_body,
+                    },
+                    Some(BodyFault::Failed) => GatewayError::ClientBodyFailed,
+                    None => e.into(),
+                })
+            }
+        };
+        ctx.upstream_status = Some(rsp.status());
+
+        // Set-Cookie never reaches a client; applying it to the stored
+        // cookie is the credential-lifecycle stage's job.
+        let _set_cookies = headers::filter_response(rsp.headers_mut());
+        Ok(rsp)
+    }
+}
