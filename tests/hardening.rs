@@ -1,0 +1,426 @@
+//! What the gateway refuses, and how: JSON errors with the documented
+//! status, before anything reaches Knoq; and the limits that keep one bad
+//! client from hurting others.
+
+mod support;
+
+use std::time::Duration;
+
+use http::Request;
+use knoq_gateway::sim::{Fault, SimRoute};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const SESSIONS: &str = "/api/managed-agents/sessions";
+
+fn raw_get(path: &str, token: &str, extra: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n{extra}Connection: close\r\n\r\n")
+}
+
+fn status_of(out: &str) -> u16 {
+    out.get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {out:?}"))
+}
+
+fn json_body(out: &str) -> serde_json::Value {
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+#[tokio::test]
+async fn traversal_and_encoded_variants_are_refused_before_knoq() {
+    let bed = TestBed::start().await;
+    let t = bed.token("alice-svc").to_string();
+    let cases = [
+        ("/api/managed-agents/../scim/v2/Users", 400),
+        ("/api/managed-agents/%2e%2e/scim/v2/Users", 400),
+        ("/api/managed-agents/%2E%2E/scim/v2/Users", 400),
+        ("/api/managed-agents/..%2fscim%2fv2%2fUsers", 400),
+        ("/api/managed-agents/..%5cscim", 400),
+        ("/api/managed-agents/.%2e/scim", 400),
+        ("/api/managed-agents//sessions", 400),
+        ("/api/managed-agents/./sessions", 400),
+        ("/api/managed-agents/sessions/", 400),
+        ("/api/managed-agents\\..\\scim", 400),
+        ("/api/other", 404),
+        ("/", 404),
+        ("/_sim/requests", 404),
+    ];
+    for (path, want) in cases {
+        let out = raw(
+            bed.addr,
+            raw_get(path, &t, "").as_bytes(),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert_eq!(status_of(&out), want, "{path}: {out}");
+        assert!(json_body(&out)["code"].is_string(), "{path}: {out}");
+    }
+    // Absolute-form and authority-form targets.
+    for target in [
+        "http://evil.example/api/managed-agents/sessions",
+        "https://127.0.0.1/api/managed-agents/sessions",
+    ] {
+        let out = raw(
+            bed.addr,
+            raw_get(target, &t, "").as_bytes(),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert_eq!(status_of(&out), 400, "{target}: {out}");
+        assert_eq!(json_body(&out)["code"], "bad_request_target");
+    }
+    let connect = "CONNECT knoq.one:443 HTTP/1.1\r\nHost: knoq.one:443\r\n\r\n";
+    let out = raw(bed.addr, connect.as_bytes(), Duration::from_secs(5)).await;
+    assert!(matches!(status_of(&out), 400 | 405), "{out}");
+    assert!(bed.control.requests().is_empty(), "nothing reached Knoq");
+    bed.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_tokens_get_401_json_with_www_authenticate() {
+    let bed = TestBed::start().await;
+    let c = client();
+    for bearer in [None, Some("kgw_not-a-real-token")] {
+        let r = send(&c, req("GET", &bed.url(SESSIONS), bearer, None)).await;
+        assert_eq!(r.status, 401);
+        assert!(r.headers["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer"));
+        assert_eq!(r.json()["code"], "unauthorized");
+    }
+    let t = bed.token("alice-svc");
+    let two = Request::get(bed.url(SESSIONS))
+        .header("authorization", format!("Bearer {t}"))
+        .header("authorization", format!("Bearer {t}"))
+        .body(http_body_util::Full::default())
+        .unwrap();
+    assert_eq!(send(&c, two).await.status, 401);
+    let basic = Request::get(bed.url(SESSIONS))
+        .header("authorization", "Basic YWxpY2U6cHc=")
+        .body(http_body_util::Full::default())
+        .unwrap();
+    assert_eq!(send(&c, basic).await.status, 401);
+    assert!(bed.control.requests().is_empty());
+    bed.shutdown().await;
+}
+
+#[tokio::test]
+async fn methods_hosts_header_names_and_framing_are_policed() {
+    let bed = TestBed::start().await;
+    let t = bed.token("alice-svc").to_string();
+    let trace = format!("TRACE {SESSIONS} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {t}\r\nConnection: close\r\n\r\n");
+    let out = raw(bed.addr, trace.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&out), 405, "{out}");
+    assert!(out.to_ascii_lowercase().contains("allow: get"), "{out}");
+    assert!(!out.contains(&t), "TRACE must not echo the request");
+
+    let evil = format!("GET {SESSIONS} HTTP/1.1\r\nHost: rebind.evil.example:8080\r\nAuthorization: Bearer {t}\r\nConnection: close\r\n\r\n");
+    let out = raw(bed.addr, evil.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&out), 421, "{out}");
+    assert_eq!(json_body(&out)["code"], "misdirected_request");
+
+    let out = raw(
+        bed.addr,
+        raw_get(SESSIONS, &t, "X_Api_Key: 1\r\n").as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(status_of(&out), 400, "{out}");
+
+    // Content-Length with Transfer-Encoding: hyper's parser applies RFC 9112
+    // §6.3 (Transfer-Encoding wins, Content-Length is dropped, and the
+    // connection closes after the response), so the bytes after the chunked
+    // body can never become a second, smuggled request.
+    let smuggle = format!(
+        "POST /api/managed-agents/session HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {t}\r\n\
+         Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET {SESSIONS} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    );
+    let out = raw(bed.addr, smuggle.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(
+        out.matches("HTTP/1.1 ").count(),
+        1,
+        "one response only: {out}"
+    );
+    assert!(
+        out.to_ascii_lowercase().contains("connection: close"),
+        "{out}"
+    );
+    let seen = bed.control.requests();
+    assert!(
+        seen.iter().all(|r| r.path != SESSIONS),
+        "a smuggled request reached Knoq"
+    );
+    assert!(
+        seen.iter().all(|r| r.body.is_empty()),
+        "the chunked framing won"
+    );
+    bed.control.clear_requests();
+
+    let upgrade = raw_get(
+        SESSIONS,
+        &t,
+        "Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n",
+    );
+    let out = raw(bed.addr, upgrade.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&out), 200, "served as plain HTTP/1.1: {out}");
+    assert!(!out.contains("101"), "{out}");
+    let seen = bed.control.requests();
+    assert_eq!(seen.len(), 1);
+    assert!(!seen[0].headers.contains_key("upgrade"));
+    bed.shutdown().await;
+}
+
+#[tokio::test]
+async fn oversized_bodies_and_heads_get_json_413_and_431() {
+    let bed = TestBed::builder();
+    let bed = BedBuilder {
+        server_toml: "max_body = \"1KiB\"\nmax_header_bytes = \"4KiB\"\n".into(),
+        ..bed
+    }
+    .start()
+    .await;
+    let c = client();
+    let t = bed.token("alice-svc");
+    let big = format!(r#"{{"text":"{}"}}"#, "x".repeat(2000));
+    let r = send(
+        &c,
+        req(
+            "POST",
+            &bed.url("/api/managed-agents/session"),
+            Some(t),
+            Some(&big),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 413);
+    assert_eq!(r.json()["code"], "body_too_large");
+
+    // A chunked body without Content-Length that grows past the limit.
+    let mut s = TcpStream::connect(bed.addr).await.unwrap();
+    let head = format!("POST /api/managed-agents/session HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {t}\r\nTransfer-Encoding: chunked\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    let chunk = "y".repeat(600);
+    for _ in 0..3 {
+        let _ = s
+            .write_all(format!("{:x}\r\n{chunk}\r\n", chunk.len()).as_bytes())
+            .await;
+    }
+    let _ = s.write_all(b"0\r\n\r\n").await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(status_of(&out), 413, "{out}");
+    assert!(bed.control.sessions("alice").is_empty(), "nothing created");
+
+    let huge = raw_get(SESSIONS, t, &format!("X-Padding: {}\r\n", "p".repeat(5000)));
+    let out = raw(bed.addr, huge.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&out), 431, "{out}");
+    assert_eq!(json_body(&out)["code"], "headers_too_large");
+    bed.shutdown().await;
+}
+
+#[tokio::test]
+async fn expect_continue_is_answered_only_after_the_token_is_checked() {
+    let bed = TestBed::start().await;
+    let head = |token: &str| {
+        format!("POST /api/managed-agents/session HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 13\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
+    };
+    // Bad token: a final 401, never `100 Continue`, and the body is not awaited.
+    let out = raw(
+        bed.addr,
+        head("kgw_wrong").as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 401"), "{out}");
+    assert!(!out.contains("100 Continue"));
+
+    // Good token: `100 Continue`, then the body, then Knoq's answer.
+    let mut s = TcpStream::connect(bed.addr).await.unwrap();
+    s.write_all(head(bed.token("alice-svc")).as_bytes())
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 100"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    s.write_all(br#"{"text":"hi"}"#).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    assert!(
+        String::from_utf8_lossy(&out).contains("200 OK"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    bed.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_slow_headers_client_is_cut_off_without_slowing_others() {
+    let bed = BedBuilder {
+        server_toml: "header_read_timeout = \"400ms\"\n".into(),
+        ..TestBed::builder()
+    }
+    .start()
+    .await;
+    let mut slow = TcpStream::connect(bed.addr).await.unwrap();
+    slow.write_all(b"GET /api/managed-agents/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .await
+        .unwrap();
+
+    // Meanwhile, a normal client is served at once, several times.
+    let c = client();
+    for _ in 0..5 {
+        let r = send(
+            &c,
+            req(
+                "GET",
+                &bed.url(SESSIONS),
+                Some(bed.token("alice-svc")),
+                None,
+            ),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+    }
+    // The slow client's connection is closed by the gateway.
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the slow connection was not closed");
+
+    // A connection that sends nothing at all is closed too.
+    let mut silent = TcpStream::connect(bed.addr).await.unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the silent connection was not closed");
+    bed.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_frees_the_upstream_request() {
+    let bed = TestBed::start().await;
+    bed.control
+        .fail_next(SimRoute::Transcript, vec![Fault::Hang]);
+    let mut s = TcpStream::connect(bed.addr).await.unwrap();
+    let get = raw_get(
+        "/api/managed-agents/transcript?sessionId=x",
+        bed.token("alice-svc"),
+        "",
+    );
+    s.write_all(get.as_bytes()).await.unwrap();
+    let control = bed.control.clone();
+    eventually("the request reached Knoq", Duration::from_secs(5), || {
+        let c = control.clone();
+        async move { c.in_flight() == 1 }
+    })
+    .await;
+    drop(s);
+    eventually(
+        "Knoq saw the request cancelled",
+        Duration::from_secs(5),
+        || {
+            let c = control.clone();
+            async move { c.in_flight() == 0 && c.cancelled() >= 1 }
+        },
+    )
+    .await;
+    bed.shutdown().await;
+}
+
+#[tokio::test]
+async fn upstream_failures_are_json_502_and_504() {
+    // Connection refused: a port nobody listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let bed = BedBuilder {
+        upstream_url: Some(format!("https://127.0.0.1:{port}")),
+        upstream_toml: "connect_timeout = \"1s\"\n".into(),
+        ..TestBed::builder()
+    }
+    .start()
+    .await;
+    let r = send(
+        &client(),
+        req(
+            "GET",
+            &bed.url(SESSIONS),
+            Some(bed.token("alice-svc")),
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.json()["code"], "upstream_unreachable");
+    bed.shutdown().await;
+
+    // An upstream whose certificate the gateway does not trust.
+    let bed = BedBuilder {
+        trust_sim: false,
+        ..TestBed::builder()
+    }
+    .start()
+    .await;
+    let r = send(
+        &client(),
+        req(
+            "GET",
+            &bed.url(SESSIONS),
+            Some(bed.token("alice-svc")),
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.json()["code"], "upstream_tls");
+    assert!(bed.control.requests().is_empty());
+    bed.shutdown().await;
+
+    // An upstream that never answers.
+    let bed = BedBuilder {
+        upstream_toml: "timeout = \"300ms\"\n".into(),
+        ..TestBed::builder()
+    }
+    .start()
+    .await;
+    bed.control
+        .fail_next(SimRoute::SessionsList, vec![Fault::Hang]);
+    let r = send(
+        &client(),
+        req(
+            "GET",
+            &bed.url(SESSIONS),
+            Some(bed.token("alice-svc")),
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 504);
+    assert_eq!(r.json()["code"], "upstream_timeout");
+    // Knoq's own failures pass through untouched.
+    bed.control
+        .fail_next(SimRoute::SessionsList, vec![Fault::status(503)]);
+    let r = send(
+        &client(),
+        req(
+            "GET",
+            &bed.url(SESSIONS),
+            Some(bed.token("alice-svc")),
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 503);
+    assert!(r.json().get("code").is_none(), "Knoq's body, not ours");
+    bed.shutdown().await;
+}

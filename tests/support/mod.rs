@@ -1,0 +1,298 @@
+//! Test bed: a simulated Knoq over real HTTPS and a gateway in front of it,
+//! both on 127.0.0.1 ephemeral ports, plus small HTTP helpers.
+#![allow(dead_code)] // each test file uses a different part of this module
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use knoq_gateway::config::Config;
+use knoq_gateway::sim::{SimConfig, SimControl, SimHandle, SimKnoq, SimUser};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const ALICE_COOKIE: &str = "knoq_session=alice-cookie-0001; theme=dark";
+pub const BOB_COOKIE: &str = "knoq_session=bob-cookie-0001";
+pub const SCIM_TOKEN: &str = "scim-token-0123456789abcdef";
+
+/// Tokens the default bed creates: name -> (user, scim).
+pub const TOKENS: [(&str, &str, bool); 4] = [
+    ("alice-svc", "alice", false),
+    ("alice-batch", "alice", false),
+    ("bob-svc", "bob", false),
+    ("idp-sync", "alice", true),
+];
+
+/// A private temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let mut r = [0u8; 6];
+        getrandom::getrandom(&mut r).unwrap();
+        let name: String = r.iter().map(|b| format!("{b:02x}")).collect();
+        let path = std::env::temp_dir().join(format!("kgw-{tag}-{name}"));
+        std::fs::create_dir_all(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).unwrap();
+        TempDir(path)
+    }
+
+    pub fn write_secret(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub struct BedBuilder {
+    pub sim: SimConfig,
+    /// Extra TOML appended to `[server]`.
+    pub server_toml: String,
+    /// Extra TOML appended to `[upstream]`.
+    pub upstream_toml: String,
+    /// Replace the upstream URL (e.g. a closed port).
+    pub upstream_url: Option<String>,
+    /// Leave `ca_file` out (to see an untrusted upstream fail).
+    pub trust_sim: bool,
+}
+
+pub struct TestBed {
+    pub sim: Option<SimHandle>,
+    pub control: SimControl,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub tokens: HashMap<&'static str, String>,
+    pub dir: TempDir,
+    pub config_text: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+pub fn sim_config() -> SimConfig {
+    SimConfig {
+        users: vec![
+            SimUser::new("alice", ALICE_COOKIE),
+            SimUser::new("bob", BOB_COOKIE),
+        ],
+        scim_token: Some(SCIM_TOKEN.to_string()),
+        agent_delay: Duration::from_millis(20),
+        ..SimConfig::default()
+    }
+}
+
+impl TestBed {
+    pub fn builder() -> BedBuilder {
+        BedBuilder {
+            sim: sim_config(),
+            server_toml: String::new(),
+            upstream_toml: String::new(),
+            upstream_url: None,
+            trust_sim: true,
+        }
+    }
+
+    pub async fn start() -> TestBed {
+        Self::builder().start().await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn token(&self, name: &str) -> &str {
+        &self.tokens[name]
+    }
+
+    /// Fires the shutdown future and waits for the gateway to drain.
+    pub async fn stop_gateway(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("the gateway task panicked");
+        }
+    }
+
+    pub fn begin_stop(&mut self) -> JoinHandle<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.take().expect("gateway running")
+    }
+
+    pub async fn shutdown(mut self) {
+        self.stop_gateway().await;
+        if let Some(sim) = self.sim.take() {
+            sim.shutdown().await;
+        }
+    }
+}
+
+impl BedBuilder {
+    pub async fn start(self) -> TestBed {
+        let sim_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sim = SimKnoq::start(self.sim, sim_listener).await.unwrap();
+        let dir = TempDir::new("bed");
+        dir.write_secret("alice.cookie", ALICE_COOKIE);
+        dir.write_secret("bob.cookie", &format!("{BOB_COOKIE}\n"));
+        dir.write_secret("scim.token", SCIM_TOKEN);
+        if let Some(pem) = sim.ca_pem() {
+            std::fs::write(dir.0.join("knoq-ca.pem"), pem).unwrap();
+        }
+        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = proxy.local_addr().unwrap();
+        let admin_addr = admin.local_addr().unwrap();
+        let mut tokens = HashMap::new();
+        let mut token_toml = String::new();
+        for (name, user, scim) in TOKENS {
+            let token = knoq_gateway::auth::new_token();
+            token_toml.push_str(&format!(
+                "[[tokens]]\nname = \"{name}\"\nuser = \"{user}\"\nsha256 = \"{}\"\nscim = {scim}\n",
+                knoq_gateway::auth::digest_hex(&token)
+            ));
+            tokens.insert(name, token);
+        }
+        let ca = if self.trust_sim {
+            "ca_file = \"knoq-ca.pem\"\n"
+        } else {
+            ""
+        };
+        let config_text = format!(
+            "[server]\nlisten = \"{addr}\"\n{server}\n[admin]\nlisten = \"{admin_addr}\"\n\
+             [upstream]\nurl = \"{url}\"\n{ca}{upstream}\n[state]\ndir = \"state\"\n\
+             [scim]\ntoken_file = \"scim.token\"\n\
+             [[users]]\nname = \"alice\"\ncookie_file = \"alice.cookie\"\n\
+             [[users]]\nname = \"bob\"\ncookie_file = \"bob.cookie\"\n{token_toml}",
+            server = self.server_toml,
+            upstream = self.upstream_toml,
+            url = self.upstream_url.unwrap_or_else(|| sim.base_url()),
+        );
+        std::fs::write(dir.0.join("gateway.toml"), &config_text).unwrap();
+        let config = Config::from_toml_str(&config_text, &dir.0).unwrap();
+        let prepared = knoq_gateway::prepare(config).unwrap();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(knoq_gateway::run(prepared, proxy, admin, async move {
+            let _ = stop_rx.await;
+        }));
+        TestBed {
+            control: sim.control(),
+            sim: Some(sim),
+            addr,
+            admin: admin_addr,
+            tokens,
+            dir,
+            config_text,
+            stop: Some(stop_tx),
+            task: Some(task),
+        }
+    }
+}
+
+// === HTTP helpers ===
+
+pub type PlainClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> PlainClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn h2c_client() -> PlainClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+    }
+}
+
+pub async fn send(client: &PlainClient, req: Request<Full<Bytes>>) -> Reply {
+    let rsp = client.request(req).await.expect("request failed");
+    let (parts, body) = rsp.into_parts();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.expect("body").to_bytes(),
+    }
+}
+
+/// Builds a request with the token of `token_name` (or none).
+pub fn req(
+    method: &str,
+    url: &str,
+    bearer: Option<&str>,
+    json: Option<&str>,
+) -> Request<Full<Bytes>> {
+    let mut b = Request::builder().method(method).uri(url);
+    if let Some(t) = bearer {
+        b = b.header("authorization", format!("Bearer {t}"));
+    }
+    if json.is_some() {
+        b = b.header("content-type", "application/json");
+    }
+    b.body(Full::from(json.unwrap_or("").to_string())).unwrap()
+}
+
+/// Sends raw bytes on a fresh connection and reads until the server closes
+/// or `deadline` passes. Returns what was read.
+pub async fn raw(addr: SocketAddr, bytes: &[u8], deadline: Duration) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(deadline, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Waits until `cond` holds, checking every 10 ms, failing after `deadline`.
+pub async fn eventually<F, Fut>(what: &str, deadline: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        if cond().await {
+            return;
+        }
+        if tokio::time::Instant::now() >= end {
+            panic!("timed out after {deadline:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+pub fn config_path(bed: &TestBed) -> PathBuf {
+    bed.dir.0.join("gateway.toml")
+}
+
+pub fn exists(p: &Path) -> bool {
+    p.exists()
+}
