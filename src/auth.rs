@@ -148,6 +148,7 @@ mod tests {
             user: "alice".into(),
             sha256: sha256(b"kgw_good"),
             scim: false,
+            quotas: Default::default(),
         }])
     }
 

@@ -25,6 +25,8 @@ use std::time::Duration;
 use http::{HeaderValue, Uri};
 use serde::Deserialize;
 
+use crate::quota::window::Window;
+use crate::quota::{Bucket, BucketOverrides, BucketWindows};
 use crate::units::{parse_duration, parse_size};
 
 pub const DEFAULT_CONFIG_PATH: &str = "config/gateway.toml";
@@ -43,6 +45,12 @@ pub const DEFAULT_UPSTREAM_TIMEOUT: &str = "60s";
 pub const DEFAULT_POOL_IDLE_TIMEOUT: &str = "90s";
 pub const DEFAULT_POOL_MAX_IDLE: usize = 64;
 pub const DEFAULT_STATE_DIR: &str = "state";
+/// Knoq's published per-user limits.
+pub const DEFAULT_QUOTA_MESSAGE: &[&str] = &["60/min"];
+pub const DEFAULT_QUOTA_SESSION: &[&str] = &["10/min", "20/hour"];
+pub const DEFAULT_QUOTA_CANCEL: &[&str] = &["30/min"];
+pub const DEFAULT_QUOTA_READ: &[&str] = &[];
+pub const DEFAULT_QUOTA_MARGIN: &str = "250ms";
 
 // === Raw layer: exactly what the file says ===
 
@@ -61,6 +69,8 @@ struct RawConfig {
     log: RawLog,
     #[serde(default)]
     scim: RawScim,
+    #[serde(default)]
+    quotas: RawQuotas,
     #[serde(default)]
     users: Vec<RawUser>,
     #[serde(default)]
@@ -119,12 +129,36 @@ struct RawScim {
     token_file: Option<PathBuf>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuotas {
+    // Listed, not `#[serde(flatten)]`: flatten disables deny_unknown_fields.
+    message: Option<Vec<String>>,
+    session: Option<Vec<String>>,
+    cancel: Option<Vec<String>>,
+    read: Option<Vec<String>>,
+    on_limit: Option<String>,
+    max_wait: Option<String>,
+    margin: Option<String>,
+}
+
+/// Windows per bucket, e.g. `message = ["60/min", "5000/month"]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBucketQuotas {
+    message: Option<Vec<String>>,
+    session: Option<Vec<String>>,
+    cancel: Option<Vec<String>>,
+    read: Option<Vec<String>>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawUser {
     name: String,
     cookie_file: Option<PathBuf>,
     cookie_env: Option<String>,
+    quotas: Option<RawBucketQuotas>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -135,6 +169,7 @@ struct RawToken {
     sha256: String,
     #[serde(default)]
     scim: bool,
+    quotas: Option<RawBucketQuotas>,
 }
 
 // === Typed layer ===
@@ -150,8 +185,28 @@ pub struct Config {
     pub state: StateConfig,
     pub log: LogConfig,
     pub scim: ScimConfig,
+    pub quotas: QuotaConfig,
     pub users: Vec<UserConfig>,
     pub tokens: Vec<TokenConfig>,
+}
+
+/// `[quotas]`: the defaults every `[[users]]` entry gets, and what to do
+/// when a request is over a limit.
+#[derive(Debug, Clone)]
+pub struct QuotaConfig {
+    pub defaults: BucketWindows,
+    pub on_limit: OnLimit,
+    /// With `OnLimit::Wait`: the longest a request is held before rejection.
+    pub max_wait: Duration,
+    /// Added to every sliding window, so Knoq (counting on arrival) never
+    /// sees more than its limit in its own window.
+    pub margin: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnLimit {
+    Reject,
+    Wait,
 }
 
 #[derive(Debug, Clone)]
@@ -227,6 +282,8 @@ pub struct ScimConfig {
 pub struct UserConfig {
     pub name: String,
     pub cookie: CookieSource,
+    /// Buckets this account sets itself, replacing `[quotas]` defaults.
+    pub quotas: BucketOverrides,
 }
 
 /// Where a user's Knoq cookie comes from.
@@ -242,6 +299,8 @@ pub struct TokenConfig {
     pub user: String,
     pub sha256: [u8; 32],
     pub scim: bool,
+    /// A tighter share for this tool, checked on top of its user's limits.
+    pub quotas: BucketOverrides,
 }
 
 impl fmt::Debug for TokenConfig {
@@ -381,6 +440,33 @@ impl Checker<'_> {
         })
     }
 
+    fn windows(&mut self, key: &str, texts: &[String]) -> Vec<Window> {
+        let mut out: Vec<Window> = Vec::with_capacity(texts.len());
+        for (i, text) in texts.iter().enumerate() {
+            match Window::parse(text) {
+                Ok(w) if out.iter().any(|o| o.period == w.period) => self.problem(
+                    format!("{key}[{i}]"),
+                    format!("two limits for the same period ({w}); keep the tighter one"),
+                ),
+                Ok(w) => out.push(w),
+                Err(e) => self.problem(format!("{key}[{i}]"), e),
+            }
+        }
+        out
+    }
+
+    fn bucket_overrides(&mut self, key: &str, raw: Option<RawBucketQuotas>) -> BucketOverrides {
+        let raw = raw.unwrap_or_default();
+        let mut out = BucketOverrides::default();
+        for (bucket, texts) in raw.by_bucket() {
+            if let Some(texts) = texts {
+                out[bucket as usize] =
+                    Some(self.windows(&format!("{key}.{}", bucket.label()), &texts));
+            }
+        }
+        out
+    }
+
     fn path(&self, p: &Path) -> PathBuf {
         if p.is_absolute() {
             p.to_path_buf()
@@ -460,6 +546,8 @@ impl RawConfig {
             token_file: self.scim.token_file.as_deref().map(|p| c.path(p)),
         };
 
+        let quotas = self.quotas.validate(&mut c);
+
         let mut users = Vec::with_capacity(self.users.len());
         let mut user_names = HashSet::new();
         for (i, u) in self.users.into_iter().enumerate() {
@@ -498,9 +586,11 @@ impl RawConfig {
                     continue;
                 }
             };
+            let quotas = c.bucket_overrides(&format!("{key}.quotas"), u.quotas);
             users.push(UserConfig {
                 name: u.name,
                 cookie,
+                quotas,
             });
         }
 
@@ -543,11 +633,13 @@ impl RawConfig {
                     "the same token digest appears twice; give each tool its own token",
                 );
             }
+            let quotas = c.bucket_overrides(&format!("{key}.quotas"), t.quotas);
             tokens.push(TokenConfig {
                 name: t.name,
                 user: t.user,
                 sha256,
                 scim: t.scim,
+                quotas,
             });
         }
         if tokens.iter().any(|t| t.scim) && scim.token_file.is_none() {
@@ -568,9 +660,67 @@ impl RawConfig {
             state,
             log,
             scim,
+            quotas,
             users,
             tokens,
         })
+    }
+}
+
+impl RawBucketQuotas {
+    fn by_bucket(self) -> [(Bucket, Option<Vec<String>>); 4] {
+        [
+            (Bucket::Message, self.message),
+            (Bucket::Session, self.session),
+            (Bucket::Cancel, self.cancel),
+            (Bucket::Read, self.read),
+        ]
+    }
+}
+
+impl RawQuotas {
+    fn validate(self, c: &mut Checker<'_>) -> QuotaConfig {
+        let defaults_for = |b: Bucket| -> &'static [&'static str] {
+            match b {
+                Bucket::Message => DEFAULT_QUOTA_MESSAGE,
+                Bucket::Session => DEFAULT_QUOTA_SESSION,
+                Bucket::Cancel => DEFAULT_QUOTA_CANCEL,
+                Bucket::Read => DEFAULT_QUOTA_READ,
+            }
+        };
+        let buckets = RawBucketQuotas {
+            message: self.message,
+            session: self.session,
+            cancel: self.cancel,
+            read: self.read,
+        };
+        let mut defaults = BucketWindows::default();
+        for (bucket, texts) in buckets.by_bucket() {
+            let texts = texts
+                .unwrap_or_else(|| defaults_for(bucket).iter().map(|s| s.to_string()).collect());
+            defaults[bucket as usize] = c.windows(&format!("quotas.{}", bucket.label()), &texts);
+        }
+        let on_limit = match self.on_limit.as_deref() {
+            None | Some("reject") => OnLimit::Reject,
+            Some("wait") => OnLimit::Wait,
+            Some(other) => {
+                c.problem(
+                    "quotas.on_limit",
+                    format!("\"{other}\" is not a choice; use \"reject\" or \"wait\""),
+                );
+                OnLimit::Reject
+            }
+        };
+        QuotaConfig {
+            defaults,
+            on_limit,
+            max_wait: c.duration("quotas.max_wait", self.max_wait.as_deref(), "0s"),
+            margin: c.duration(
+                "quotas.margin",
+                self.margin.as_deref(),
+                DEFAULT_QUOTA_MARGIN,
+            ),
+        }
     }
 }
 
@@ -878,6 +1028,69 @@ mod tests {
         assert!(c.server.allowed_hosts.contains(&"10.1.2.3".to_string()));
         let c = parse("[server]\nallowed_hosts = [\"GW.internal\"]").unwrap();
         assert_eq!(c.server.allowed_hosts, ["gw.internal"]);
+    }
+
+    #[test]
+    fn quota_defaults_mirror_knoqs_published_limits() {
+        let c = parse("").unwrap();
+        let q = &c.quotas;
+        let texts = |b: Bucket| {
+            q.defaults[b as usize]
+                .iter()
+                .map(|w| w.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(texts(Bucket::Message), ["60/min"]);
+        assert_eq!(texts(Bucket::Session), ["10/min", "20/hour"]);
+        assert_eq!(texts(Bucket::Cancel), ["30/min"]);
+        assert!(texts(Bucket::Read).is_empty());
+        assert_eq!(q.on_limit, OnLimit::Reject);
+        assert_eq!(q.margin, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn quota_overrides_per_user_and_token_and_their_errors() {
+        let c = parse(&format!(
+            r#"
+            [quotas]
+            read = ["600/min"]
+            on_limit = "wait"
+            max_wait = "2s"
+            [[users]]
+            name = "alice"
+            cookie_env = "A"
+            quotas = {{ message = ["60/min", "5000/month"] }}
+            [[tokens]]
+            name = "batch"
+            user = "alice"
+            sha256 = "{HASH}"
+            quotas = {{ message = ["10/min"] }}
+            "#
+        ))
+        .unwrap();
+        let user = &c.users[0].quotas[Bucket::Message as usize];
+        assert_eq!(user.as_ref().unwrap().len(), 2);
+        assert!(
+            c.users[0].quotas[Bucket::Session as usize].is_none(),
+            "defaults apply"
+        );
+        assert_eq!(
+            c.tokens[0].quotas[Bucket::Message as usize]
+                .as_ref()
+                .unwrap()[0]
+                .to_string(),
+            "10/min"
+        );
+        assert_eq!(c.quotas.on_limit, OnLimit::Wait);
+
+        let err = parse(
+            "[quotas]\nmessage = [\"60/min\", \"10/min\"]\ncancel = [\"lots\"]\non_limit = \"panic\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            keys(err),
+            ["quotas.message[1]", "quotas.cancel[0]", "quotas.on_limit"]
+        );
     }
 
     #[test]

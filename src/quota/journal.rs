@@ -1,0 +1,502 @@
+//! The quota journal: consumed quota and Knoq-imposed cool-downs, kept in
+//! the state directory so a restart (even `kill -9` in the middle of a
+//! minute) cannot open a burst past a limit.
+//!
+//! Why an append-only text file and not an embedded database: the only
+//! operations are "append one admission" (on the hot path) and "read it all
+//! back at start-up"; one `write(2)` on an `O_APPEND` file is atomic with
+//! respect to other writers and survives the process being killed the
+//! moment it returns, with no extra dependency and a format an operator can
+//! read. Lines are not `fsync`ed one by one (that would cost a disk flush
+//! per request): a power cut may lose the last moments of admissions, a
+//! killed process loses nothing. At start-up the file is checked line by
+//! line, replayed, and rewritten atomically with only what is still within
+//! a window, so it stays small across restarts.
+//!
+//! A damaged line stops the start-up with its line number: the gateway
+//! never guesses what was consumed, and never silently resets.
+//!
+//! ```text
+//! knoq-gateway quota journal v1
+//! A <unix-ms> <user> <token> <bucket>     an admission
+//! C <until-unix-ms> <user> <bucket>       a cool-down from Knoq's 429
+//! ```
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
+
+use super::Bucket;
+use crate::clock::Millis;
+
+pub const FILE_NAME: &str = "quota.journal";
+/// Size at which the current segment is sealed and a new one started.
+pub const SEGMENT_BYTES: u64 = 8 << 20;
+const HEADER: &str = "knoq-gateway quota journal v1";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    Admit {
+        at: Millis,
+        user: String,
+        token: String,
+        bucket: Bucket,
+    },
+    CoolDown {
+        until: Millis,
+        user: String,
+        bucket: Bucket,
+    },
+}
+
+impl Record {
+    fn line(&self) -> String {
+        match self {
+            Record::Admit {
+                at,
+                user,
+                token,
+                bucket,
+            } => format!("A {at} {user} {token} {}\n", bucket.label()),
+            Record::CoolDown {
+                until,
+                user,
+                bucket,
+            } => format!("C {until} {user} {}\n", bucket.label()),
+        }
+    }
+
+    fn parse(line: &str) -> Option<Record> {
+        let f: Vec<&str> = line.split(' ').collect();
+        match f.as_slice() {
+            ["A", at, user, token, bucket] => Some(Record::Admit {
+                at: at.parse().ok()?,
+                user: user.to_string(),
+                token: token.to_string(),
+                bucket: Bucket::from_label(bucket)?,
+            }),
+            ["C", until, user, bucket] => Some(Record::CoolDown {
+                until: until.parse().ok()?,
+                user: user.to_string(),
+                bucket: Bucket::from_label(bucket)?,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// How far back the journal must remember admissions: the longest sliding
+/// window (with its margin), or the start of the month when a monthly
+/// window exists.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Retention {
+    pub span: Millis,
+    pub months: bool,
+}
+
+impl Retention {
+    /// The oldest admission time still needed at `now`.
+    pub fn horizon(self, now: Millis) -> Millis {
+        let sliding = now.saturating_sub(self.span);
+        if self.months {
+            sliding.min(super::window::month_start(super::window::month_index(now)))
+        } else {
+            sliding
+        }
+    }
+}
+
+/// A segment being appended to.
+struct Segment {
+    file: File,
+    path: PathBuf,
+    bytes: AtomicU64,
+    /// The newest time any record in it can still matter.
+    newest: AtomicU64,
+}
+
+impl Segment {
+    fn create(path: PathBuf) -> std::io::Result<Segment> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)?;
+        let bytes = file.metadata()?.len();
+        Ok(Segment {
+            file,
+            path,
+            bytes: AtomicU64::new(bytes),
+            newest: AtomicU64::new(0),
+        })
+    }
+}
+
+/// The open journal, appended to on every admission.
+///
+/// A long-running gateway keeps it bounded without rewriting it under
+/// load: past `segment_bytes` the current file is sealed and appends move
+/// to a new segment (`quota.journal.1`, `.2`, ...); a sealed segment is
+/// deleted once every record in it is older than the retention horizon. At
+/// start-up all segments are read in order and folded into one file.
+pub struct Journal {
+    dir: PathBuf,
+    current: RwLock<Segment>,
+    sealed: Mutex<Vec<(PathBuf, Millis)>>,
+    next_seq: AtomicU64,
+    retention: Retention,
+    segment_bytes: u64,
+    failed: AtomicBool,
+}
+
+impl Journal {
+    /// Reads and checks every segment in `dir`, keeps what is still needed
+    /// at `now`, folds it into one file written atomically, and opens that
+    /// file for appending.
+    pub fn open(
+        dir: &Path,
+        now: Millis,
+        retention: Retention,
+        segment_bytes: u64,
+    ) -> Result<(Journal, Vec<Record>), String> {
+        let horizon = retention.horizon(now);
+        let mut records = Vec::new();
+        let segments = segment_paths(dir)?;
+        for path in &segments {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("{}: cannot read the quota journal: {e}", path.display()))?;
+            records.extend(parse_all(path, &text)?);
+        }
+        records.retain(|r| match r {
+            Record::Admit { at, .. } => *at >= horizon,
+            Record::CoolDown { until, .. } => *until > now,
+        });
+        // Concurrent appends may land a millisecond out of order.
+        records.sort_by_key(|r| match r {
+            Record::Admit { at, .. } => *at,
+            Record::CoolDown { .. } => 0,
+        });
+        let mut text = format!("{HEADER}\n");
+        for r in &records {
+            text.push_str(&r.line());
+        }
+        let base = dir.join(FILE_NAME);
+        crate::state::write_atomic(&base, text.as_bytes())
+            .map_err(|e| format!("{}: cannot rewrite the quota journal: {e}", base.display()))?;
+        for path in segments.iter().filter(|p| **p != base) {
+            std::fs::remove_file(path)
+                .map_err(|e| format!("{}: cannot remove a folded segment: {e}", path.display()))?;
+        }
+        let current = Segment::create(base.clone())
+            .map_err(|e| format!("{}: cannot open the quota journal: {e}", base.display()))?;
+        // The folded file matters as long as its longest cool-down runs.
+        let newest = records
+            .iter()
+            .map(|r| match r {
+                Record::CoolDown { until, .. } => *until,
+                Record::Admit { .. } => now,
+            })
+            .fold(now, Millis::max);
+        current.newest.store(newest, Ordering::Relaxed);
+        Ok((
+            Journal {
+                dir: dir.to_path_buf(),
+                current: RwLock::new(current),
+                sealed: Mutex::new(Vec::new()),
+                next_seq: AtomicU64::new(1),
+                retention,
+                segment_bytes,
+                failed: AtomicBool::new(false),
+            },
+            records,
+        ))
+    }
+
+    /// Checks every segment in `dir` without changing anything (`check`).
+    pub fn inspect(dir: &Path) -> Result<usize, String> {
+        let mut n = 0;
+        for path in segment_paths(dir)? {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("{}: cannot read the quota journal: {e}", path.display()))?;
+            n += parse_all(&path, &text)?.len();
+        }
+        Ok(n)
+    }
+
+    pub fn admit(&self, at: Millis, user: &str, token: &str, bucket: Bucket) {
+        let record = Record::Admit {
+            at,
+            user: user.to_string(),
+            token: token.to_string(),
+            bucket,
+        };
+        self.append(&record, at);
+    }
+
+    pub fn cool_down(&self, until: Millis, user: &str, bucket: Bucket) {
+        let record = Record::CoolDown {
+            until,
+            user: user.to_string(),
+            bucket,
+        };
+        self.append(&record, until);
+    }
+
+    /// Appends one record; `matters_until` is how long it may be needed.
+    fn append(&self, record: &Record, matters_until: Millis) {
+        let line = record.line();
+        let full = {
+            let seg = self.current.read().unwrap_or_else(|p| p.into_inner());
+            // One write of one whole line: atomic with respect to other appends.
+            if let Err(e) = (&seg.file).write_all(line.as_bytes()) {
+                self.report(&seg.path, &e);
+                return;
+            }
+            seg.newest.fetch_max(matters_until, Ordering::Relaxed);
+            seg.bytes.fetch_add(line.len() as u64, Ordering::Relaxed) + line.len() as u64
+                >= self.segment_bytes
+        };
+        if full {
+            self.rotate(matters_until);
+        }
+    }
+
+    /// Seals the current segment, starts a new one, and deletes sealed
+    /// segments that hold nothing still needed at `now`.
+    fn rotate(&self, now: Millis) {
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if current.bytes.load(Ordering::Relaxed) < self.segment_bytes {
+            return; // another thread rotated first
+        }
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let path = self.dir.join(format!("{FILE_NAME}.{seq}"));
+        let next = match Segment::create(path.clone()) {
+            Ok(mut s) => {
+                if let Err(e) = (&s.file).write_all(format!("{HEADER}\n").as_bytes()) {
+                    self.report(&path, &e);
+                    return;
+                }
+                s.bytes = AtomicU64::new(0);
+                s
+            }
+            Err(e) => {
+                self.report(&path, &e);
+                return;
+            }
+        };
+        let old = std::mem::replace(&mut *current, next);
+        drop(current);
+        let mut sealed = self.sealed.lock().unwrap_or_else(|p| p.into_inner());
+        sealed.push((old.path, old.newest.load(Ordering::Relaxed)));
+        let horizon = self.retention.horizon(now);
+        sealed.retain(|(path, newest)| {
+            if *newest >= horizon {
+                return true;
+            }
+            // The base file is kept (it may hold the header only): truncate
+            // by replacing it; numbered segments are simply removed.
+            let done = if path.file_name().and_then(|n| n.to_str()) == Some(FILE_NAME) {
+                crate::state::write_atomic(path, format!("{HEADER}\n").as_bytes())
+            } else {
+                std::fs::remove_file(path)
+            };
+            done.is_err()
+        });
+    }
+
+    fn report(&self, path: &Path, e: &std::io::Error) {
+        // Quotas are still enforced in memory; say so once, loudly.
+        if !self.failed.swap(true, Ordering::Relaxed) {
+            tracing::error!(path = %path.display(), error = %e, "cannot write the quota journal; quota used from now on may not survive a restart");
+        }
+    }
+}
+
+/// The base journal and its numbered segments, in order.
+fn segment_paths(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let base = dir.join(FILE_NAME);
+    let mut numbered: Vec<(u64, PathBuf)> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let seq = name
+                    .strip_prefix(FILE_NAME)?
+                    .strip_prefix('.')?
+                    .parse()
+                    .ok()?;
+                Some((seq, e.path()))
+            })
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(format!("{}: {e}", dir.display())),
+    };
+    numbered.sort();
+    let mut out = Vec::new();
+    if base.exists() {
+        out.push(base);
+    }
+    out.extend(numbered.into_iter().map(|(_, p)| p));
+    Ok(out)
+}
+
+fn parse_all(path: &Path, text: &str) -> Result<Vec<Record>, String> {
+    let mut lines = text.split_inclusive('\n').enumerate();
+    match lines.next() {
+        Some((_, first)) if first.trim_end() == HEADER => {}
+        _ => {
+            return Err(format!(
+                "{} is not a knoq-gateway quota journal (bad first line); move it aside if it is not ours",
+                path.display()
+            ))
+        }
+    }
+    let mut records = Vec::new();
+    for (i, line) in lines {
+        let record = line
+            .strip_suffix('\n')
+            .and_then(Record::parse)
+            .ok_or_else(|| {
+                format!(
+                    "{} line {} is damaged; the gateway will not guess how much quota was used. \
+                     Repair or delete that line (deleting the file resets every quota)",
+                    path.display(),
+                    i + 1
+                )
+            })?;
+        records.push(record);
+    }
+    Ok(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_rotate_and_old_ones_are_deleted_while_running() {
+        let d = dir("rotate");
+        // Keep one second of history; rotate every ~3 records.
+        let (j, _) = Journal::open(
+            &d,
+            0,
+            Retention {
+                span: 1_000,
+                months: false,
+            },
+            100,
+        )
+        .unwrap();
+        for t in 0..30u64 {
+            j.admit(t * 100, "alice", "svc", Bucket::Message);
+        }
+        let files = segment_paths(&d).unwrap();
+        // Everything older than 2_900 - 1_000 is gone; what is left is small.
+        assert!(files.len() <= 6, "{files:?}");
+        drop(j);
+        let (_, history) = Journal::open(
+            &d,
+            2_900,
+            Retention {
+                span: 1_000,
+                months: false,
+            },
+            100,
+        )
+        .unwrap();
+        let times: Vec<u64> = history
+            .iter()
+            .map(|r| match r {
+                Record::Admit { at, .. } => *at,
+                Record::CoolDown { .. } => unreachable!(),
+            })
+            .collect();
+        assert_eq!(times, (19..30).map(|t| t * 100).collect::<Vec<_>>());
+        assert_eq!(
+            segment_paths(&d).unwrap(),
+            [d.join(FILE_NAME)],
+            "folded into one file"
+        );
+    }
+
+    fn dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("kgw-journal-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn records_survive_reopen_and_old_ones_are_compacted_away() {
+        let d = dir("roundtrip");
+        let keep_all = Retention {
+            span: u64::MAX,
+            months: false,
+        };
+        let (j, history) = Journal::open(&d, 1_000, keep_all, 1 << 20).unwrap();
+        assert!(history.is_empty());
+        j.admit(500, "alice", "svc", Bucket::Message);
+        j.admit(900, "alice", "batch", Bucket::Session);
+        j.cool_down(5_000, "bob", Bucket::Message);
+        j.cool_down(800, "bob", Bucket::Read);
+        drop(j);
+        let (_, history) = Journal::open(
+            &d,
+            1_000,
+            Retention {
+                span: 400,
+                months: false,
+            },
+            1 << 20,
+        )
+        .unwrap();
+        assert_eq!(
+            history,
+            [
+                Record::CoolDown {
+                    until: 5_000,
+                    user: "bob".into(),
+                    bucket: Bucket::Message
+                },
+                Record::Admit {
+                    at: 900,
+                    user: "alice".into(),
+                    token: "batch".into(),
+                    bucket: Bucket::Session
+                },
+            ]
+        );
+        let text = std::fs::read_to_string(d.join(FILE_NAME)).unwrap();
+        assert_eq!(text.lines().count(), 3, "{text}");
+    }
+
+    #[test]
+    fn a_damaged_journal_is_reported_with_its_line_and_left_alone() {
+        let d = dir("damaged");
+        let path = d.join(FILE_NAME);
+        let text = format!("{HEADER}\nA 1 alice svc message\nA x alice svc message\n");
+        std::fs::write(&path, &text).unwrap();
+        let err = Journal::open(&d, 0, Retention::default(), 1 << 20)
+            .err()
+            .unwrap();
+        assert!(err.contains("line 3 is damaged"), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text, "never reset");
+
+        std::fs::write(&path, format!("{HEADER}\nA 1 alice svc message")).unwrap();
+        assert!(
+            Journal::open(&d, 0, Retention::default(), 1 << 20)
+                .err()
+                .unwrap()
+                .contains("line 2"),
+            "torn last line"
+        );
+        std::fs::write(&path, "something else\n").unwrap();
+        assert!(Journal::open(&d, 0, Retention::default(), 1 << 20)
+            .err()
+            .unwrap()
+            .contains("not a knoq-gateway quota journal"));
+    }
+}

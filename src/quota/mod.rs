@@ -1,0 +1,435 @@
+//! Quota stage: no Knoq account ever exceeds Knoq's limits, and each tool
+//! gets its configured share.
+//!
+//! Runs after routing and before the upstream call. A request in a bucket
+//! (`message`, `session`, `cancel`, `read`) passes only if every window of
+//! its user's bucket *and* its token's bucket admits it, and no Knoq-imposed
+//! cool-down is running for that user and bucket; the check and the consume
+//! are one atomic step in the [`store`] (one lock per user, so unrelated
+//! users never contend). A refusal consumes nothing.
+//!
+//! With `on_limit = "wait"` a refused request waits (asynchronously) for its
+//! turn: requests of one user and bucket queue in arrival order on a fair
+//! semaphore, the head of the queue sleeps until its retry time, and a
+//! client that goes away leaves the queue when its future is dropped.
+//!
+//! Contract: `Ok(Some(grant))` means admitted and recorded (the grant tells
+//! the tightest window, for the `RateLimit` headers); `Ok(None)` means the
+//! route has no bucket; `Err(QuotaExceeded)` becomes a 429 in `error.rs`.
+
+pub mod journal;
+pub mod store;
+pub mod window;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::sync::Semaphore;
+
+use crate::auth::Principal;
+use crate::clock::{Clock, Millis};
+use crate::config::{Config, OnLimit};
+use crate::route::Route;
+use window::Window;
+
+pub use store::{Demand, LocalStore, QuotaStore};
+
+/// A group of Knoq endpoints that share a limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Bucket {
+    Message = 0,
+    Session = 1,
+    Cancel = 2,
+    Read = 3,
+}
+
+/// Windows per bucket, indexed by `Bucket as usize`.
+pub type BucketWindows = [Vec<Window>; 4];
+/// Per-bucket replacements; `None` keeps the default.
+pub type BucketOverrides = [Option<Vec<Window>>; 4];
+
+impl Bucket {
+    pub const ALL: [Bucket; 4] = [
+        Bucket::Message,
+        Bucket::Session,
+        Bucket::Cancel,
+        Bucket::Read,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Bucket::Message => "message",
+            Bucket::Session => "session",
+            Bucket::Cancel => "cancel",
+            Bucket::Read => "read",
+        }
+    }
+
+    pub fn from_label(label: &str) -> Option<Bucket> {
+        Bucket::ALL.into_iter().find(|b| b.label() == label)
+    }
+
+    /// The bucket a route draws from, if any. Deletes, SCIM and unknown
+    /// paths have no published Knoq limit, so they are not metered.
+    pub fn for_route(route: Route) -> Option<Bucket> {
+        match route {
+            Route::MessageSend => Some(Bucket::Message),
+            Route::SessionCreate => Some(Bucket::Session),
+            Route::Cancel => Some(Bucket::Cancel),
+            Route::Transcript | Route::SessionsList => Some(Bucket::Read),
+            Route::SessionDelete | Route::Scim | Route::Other => None,
+        }
+    }
+}
+
+impl fmt::Display for Bucket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// Whose limit decided: the Knoq account's, the tool's own share, or a
+/// cool-down Knoq itself imposed with a 429.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    User,
+    Token,
+    Knoq,
+}
+
+impl Scope {
+    pub fn label(self) -> &'static str {
+        match self {
+            Scope::User => "user",
+            Scope::Token => "token",
+            Scope::Knoq => "knoq",
+        }
+    }
+}
+
+/// One window's standing after a decision: what the `RateLimit` headers show.
+#[derive(Debug, Clone)]
+pub struct Standing {
+    pub bucket: Bucket,
+    pub scope: Scope,
+    /// `None` for a Knoq cool-down, which has no window of ours.
+    pub window: Option<Window>,
+    pub remaining: u32,
+    /// Milliseconds until `remaining` grows.
+    pub reset_ms: Millis,
+}
+
+/// An admitted request: the tightest of the windows it was checked against.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    pub tightest: Option<Standing>,
+}
+
+/// A refused request: the window (or cool-down) that refused it and when a
+/// retry would be admitted if nothing else competes.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub standing: Standing,
+    pub until: Millis,
+}
+
+/// The client-facing refusal.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the {} quota for {} is spent ({})", .standing.scope.label(), .standing.bucket, self.limit())]
+pub struct QuotaExceeded {
+    pub standing: Standing,
+    /// Whole seconds, rounded up, at least 1.
+    pub retry_after_secs: u64,
+}
+
+impl QuotaExceeded {
+    fn new(refusal: Refusal, now: Millis) -> Self {
+        let wait = refusal.until.saturating_sub(now);
+        QuotaExceeded {
+            standing: refusal.standing,
+            retry_after_secs: wait.div_ceil(1000).max(1),
+        }
+    }
+
+    /// `"60/min"`, or `"set by Knoq"` for a cool-down.
+    pub fn limit(&self) -> String {
+        match &self.standing.window {
+            Some(w) => w.to_string(),
+            None => "set by Knoq".to_string(),
+        }
+    }
+}
+
+/// Which windows apply to whom, resolved once from the config.
+#[derive(Debug, Default)]
+pub struct Policy {
+    users: HashMap<Box<str>, BucketWindows>,
+    tokens: HashMap<Box<str>, BucketWindows>,
+}
+
+impl Policy {
+    pub fn new(config: &Config) -> Self {
+        let users = config
+            .users
+            .iter()
+            .map(|u| {
+                let windows = std::array::from_fn(|b| {
+                    u.quotas[b]
+                        .clone()
+                        .unwrap_or_else(|| config.quotas.defaults[b].clone())
+                });
+                (u.name.as_str().into(), windows)
+            })
+            .collect();
+        let tokens = config
+            .tokens
+            .iter()
+            .map(|t| {
+                let windows = std::array::from_fn(|b| t.quotas[b].clone().unwrap_or_default());
+                (t.name.as_str().into(), windows)
+            })
+            .collect();
+        Policy { users, tokens }
+    }
+
+    pub fn user_windows(&self, user: &str, bucket: Bucket) -> &[Window] {
+        self.users.get(user).map_or(&[], |w| &w[bucket as usize])
+    }
+
+    pub fn token_windows(&self, token: &str, bucket: Bucket) -> &[Window] {
+        self.tokens.get(token).map_or(&[], |w| &w[bucket as usize])
+    }
+
+    /// How long the journal must remember admissions for this policy.
+    pub fn retention(&self, margin: Millis) -> journal::Retention {
+        let mut r = journal::Retention::default();
+        for w in self
+            .users
+            .values()
+            .chain(self.tokens.values())
+            .flat_map(|b| b.iter().flatten())
+        {
+            match w.period {
+                window::Period::Sliding(p) => r.span = r.span.max(p + margin),
+                window::Period::Month => r.months = true,
+            }
+        }
+        r
+    }
+}
+
+/// The quota stage.
+pub struct Quotas {
+    policy: Policy,
+    store: Arc<dyn QuotaStore>,
+    clock: Arc<dyn Clock>,
+    on_limit: OnLimit,
+    max_wait: Duration,
+    /// With `on_limit = "wait"`: one fair queue per user and bucket.
+    queues: DashMap<Box<str>, [Arc<Semaphore>; 4]>,
+}
+
+impl fmt::Debug for Quotas {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Quotas")
+            .field("on_limit", &self.on_limit)
+            .finish_non_exhaustive()
+    }
+}
+
+// === impl Quotas ===
+
+impl Quotas {
+    pub fn new(
+        policy: Policy,
+        store: Arc<dyn QuotaStore>,
+        clock: Arc<dyn Clock>,
+        config: &crate::config::QuotaConfig,
+    ) -> Self {
+        Quotas {
+            policy,
+            store,
+            clock,
+            on_limit: config.on_limit,
+            max_wait: config.max_wait,
+            queues: DashMap::new(),
+        }
+    }
+
+    /// Admits one request for `route`, or refuses it (see the module doc).
+    pub async fn admit(
+        &self,
+        who: &Principal,
+        route: Route,
+    ) -> Result<Option<Grant>, QuotaExceeded> {
+        let Some(bucket) = Bucket::for_route(route) else {
+            return Ok(None);
+        };
+        let demand = Demand {
+            user: &who.user,
+            token: &who.token,
+            bucket,
+            user_windows: self.policy.user_windows(&who.user, bucket),
+            token_windows: self.policy.token_windows(&who.token, bucket),
+        };
+        if self.on_limit == OnLimit::Reject || self.max_wait.is_zero() {
+            let now = self.clock.now();
+            return self
+                .store
+                .acquire(&demand, now)
+                .map(Some)
+                .map_err(|r| QuotaExceeded::new(r, now));
+        }
+        self.admit_waiting(&demand).await.map(Some)
+    }
+
+    async fn admit_waiting(&self, demand: &Demand<'_>) -> Result<Grant, QuotaExceeded> {
+        let queue = self.queue(demand.user, demand.bucket);
+        let deadline = tokio::time::Instant::now() + self.max_wait;
+        // Arrival order: the semaphore is fair, so whoever asked first holds
+        // the head of the line; dropping this future leaves the line.
+        let permit = tokio::time::timeout_at(deadline, queue.acquire_owned()).await;
+        loop {
+            let now = self.clock.now();
+            let refusal = match self.store.acquire(demand, now) {
+                Ok(grant) => return Ok(grant),
+                Err(r) => r,
+            };
+            let wait = Duration::from_millis(refusal.until.saturating_sub(now));
+            let in_line = permit.is_ok();
+            if !in_line || tokio::time::Instant::now() + wait > deadline {
+                return Err(QuotaExceeded::new(refusal, now));
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    fn queue(&self, user: &str, bucket: Bucket) -> Arc<Semaphore> {
+        if let Some(q) = self.queues.get(user) {
+            return q[bucket as usize].clone();
+        }
+        let entry = self
+            .queues
+            .entry(user.into())
+            .or_insert_with(|| std::array::from_fn(|_| Arc::new(Semaphore::new(1))));
+        entry[bucket as usize].clone()
+    }
+
+    /// Knoq answered 429 on `route`: stop sending that bucket for the user
+    /// until Knoq's `Retry-After` (seconds; 60 when absent or unreadable).
+    pub fn knoq_refused(&self, who: &Principal, route: Route, retry_after: Option<&str>) {
+        let Some(bucket) = Bucket::for_route(route) else {
+            return;
+        };
+        let secs = retry_after
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(60);
+        let until = self.clock.now() + secs * 1000;
+        self.store.cool_down(&who.user, bucket, until);
+        tracing::warn!(
+            user = %who.user,
+            bucket = bucket.label(),
+            retry_after_secs = secs,
+            "Knoq answered 429; holding this bucket for the user until its Retry-After passes"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::SystemClock;
+    use std::path::Path;
+
+    fn setup(quotas: &str) -> (Arc<Quotas>, Principal) {
+        let text = format!(
+            "[quotas]\n{quotas}\n[[users]]\nname = \"alice\"\ncookie_env = \"X\"\n[[tokens]]\nname = \"svc\"\nuser = \"alice\"\nsha256 = \"{}\"\n",
+            "ab".repeat(32)
+        );
+        let config = Config::from_toml_str(&text, Path::new("/")).unwrap();
+        let margin = config.quotas.margin.as_millis() as Millis;
+        let q = Quotas::new(
+            Policy::new(&config),
+            Arc::new(LocalStore::in_memory(margin)),
+            Arc::new(SystemClock::new()),
+            &config.quotas,
+        );
+        let who = Principal {
+            token: "svc".into(),
+            user: "alice".into(),
+            scim: false,
+        };
+        (Arc::new(q), who)
+    }
+
+    /// Lets every spawned task run until it blocks (time is paused).
+    async fn settle() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_requests_are_admitted_in_arrival_order_and_leave_when_dropped() {
+        let (q, who) = setup(
+            "message = [\"1/sec\"]\nmargin = \"0s\"\non_limit = \"wait\"\nmax_wait = \"10s\"",
+        );
+        let start = tokio::time::Instant::now();
+        q.admit(&who, Route::MessageSend).await.unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut tasks = Vec::new();
+        for name in ["first", "second", "gone", "third"] {
+            let (q, who, tx) = (q.clone(), who.clone(), tx.clone());
+            tasks.push(tokio::spawn(async move {
+                q.admit(&who, Route::MessageSend).await.unwrap();
+                tx.send((name, start.elapsed().as_millis())).unwrap();
+            }));
+            settle().await;
+        }
+        // A client that goes away while queued leaves the line.
+        tasks[2].abort();
+        let mut order = Vec::new();
+        for _ in 0..3 {
+            order.push(rx.recv().await.unwrap());
+        }
+        assert_eq!(order, [("first", 1000), ("second", 2000), ("third", 3000)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_longer_than_max_wait_is_refused_with_the_full_retry_time() {
+        let (q, who) =
+            setup("message = [\"2/min\"]\nmargin = \"0s\"\non_limit = \"wait\"\nmax_wait = \"5s\"");
+        q.admit(&who, Route::MessageSend).await.unwrap();
+        q.admit(&who, Route::MessageSend).await.unwrap();
+        let before = tokio::time::Instant::now();
+        let err = q.admit(&who, Route::MessageSend).await.unwrap_err();
+        assert_eq!(err.retry_after_secs, 60);
+        assert!(
+            before.elapsed() < Duration::from_secs(5),
+            "refused at once: the wait cannot fit"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reject_mode_answers_at_once_and_reads_are_free_by_default() {
+        let (q, who) = setup("message = [\"1/min\"]");
+        q.admit(&who, Route::MessageSend).await.unwrap();
+        let err = q.admit(&who, Route::MessageSend).await.unwrap_err();
+        // 60 s plus the default 250 ms margin, rounded up.
+        assert_eq!(err.retry_after_secs, 61);
+        assert_eq!(err.limit(), "1/min");
+        for _ in 0..100 {
+            assert!(q
+                .admit(&who, Route::Transcript)
+                .await
+                .unwrap()
+                .unwrap()
+                .tightest
+                .is_none());
+        }
+        assert!(q.admit(&who, Route::SessionDelete).await.unwrap().is_none());
+    }
+}
