@@ -104,10 +104,9 @@ pub fn main() -> ExitCode {
 }
 
 fn check(path: &Path) -> ExitCode {
-    let result = Config::load(path).and_then(crate::prepare);
+    let result = Config::load(path).and_then(|c| crate::check(&c).map(|()| c));
     match result {
-        Ok(prepared) => {
-            let c = &prepared.config;
+        Ok(c) => {
             println!(
                 "{}: OK ({} users, {} tokens, upstream {})",
                 path.display(),
@@ -133,13 +132,6 @@ fn serve(path: &Path) -> ExitCode {
         }
     };
     crate::logging::init(&prepared.config.log);
-    if let Err(e) = crate::ensure_state_dir(&prepared.config) {
-        eprintln!(
-            "knoq-gateway: state.dir {}: {e}",
-            prepared.config.state.dir.display()
-        );
-        return ExitCode::from(EX_USAGE);
-    }
     runtime().block_on(async move {
         let server = &prepared.config.server;
         let bind = |addr: SocketAddr, what: &'static str| async move {

@@ -15,6 +15,7 @@ use serde_json::json;
 use crate::auth::AuthError;
 use crate::body::{self, BoxBody};
 use crate::inspect::{HygieneError, ALLOWED_METHODS};
+use crate::quota::QuotaExceeded;
 use crate::route::PathError;
 use crate::upstream::UpstreamError;
 
@@ -37,6 +38,8 @@ pub enum GatewayError {
     BodyTooLarge { limit: u64 },
     #[error("the request body ended abnormally while it was being sent to Knoq")]
     ClientBodyFailed,
+    #[error(transparent)]
+    Quota(#[from] QuotaExceeded),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
 }
@@ -113,6 +116,7 @@ impl GatewayError {
             GatewayError::ClientBodyFailed => {
                 (StatusCode::BAD_REQUEST, "bad_request_body", Downstream)
             }
+            GatewayError::Quota(_) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded", Downstream),
             GatewayError::Upstream(u) => match u {
                 UpstreamError::Connect(_) => {
                     (StatusCode::BAD_GATEWAY, "upstream_unreachable", Upstream)
@@ -156,6 +160,7 @@ impl GatewayError {
                 "Knoq did not answer within {}; it may still have acted on the request",
                 crate::units::format_duration(*d)
             ),
+            GatewayError::Quota(q) => format!("{q}; retry after {} s", q.retry_after_secs),
             GatewayError::Upstream(UpstreamError::Reset(_)) => {
                 "the connection to Knoq closed before a complete answer; it may still have acted on the request".into()
             }
@@ -182,12 +187,23 @@ impl GatewayError {
                 rsp = rsp.header(CONNECTION, "close");
             }
             GatewayError::CredentialMissing { .. } => rsp = rsp.header(RETRY_AFTER, "60"),
+            GatewayError::Quota(q) => rsp = rsp.header(RETRY_AFTER, q.retry_after_secs),
             _ => {}
         }
-        rsp.body(body::json(
-            &json!({ "error": reply.message, "code": reply.code }),
-        ))
-        .expect("static status and headers make a valid response")
+        let mut body = json!({ "error": reply.message, "code": reply.code });
+        if let GatewayError::Quota(q) = &self {
+            body["bucket"] = q.standing.bucket.label().into();
+            body["limit"] = q.limit().into();
+            body["scope"] = q.standing.scope.label().into();
+            body["retryAfter"] = q.retry_after_secs.into();
+        }
+        let mut rsp = rsp
+            .body(body::json(&body))
+            .expect("static status and headers make a valid response");
+        if let GatewayError::Quota(q) = &self {
+            crate::headers::insert_rate_limit(rsp.headers_mut(), &q.standing);
+        }
+        rsp
     }
 }
 

@@ -21,6 +21,8 @@ use http::header::{
 };
 use http::{HeaderMap, HeaderValue};
 
+use crate::quota::Standing;
+
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -134,6 +136,34 @@ fn generate_request_id() -> HeaderValue {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     HeaderValue::from_str(&format!("kgw-{prefix:08x}-{n:012x}"))
         .expect("hex digits are a valid header value")
+}
+
+pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// Adds the IETF `RateLimit-Policy` and `RateLimit` headers
+/// (draft-ietf-httpapi-ratelimit-headers, structured-field form) for one
+/// window: `"message-user";q=60;w=60` and `"message-user";r=59;t=0`, where
+/// `r` is what remains and `t` the seconds until it grows. A Knoq cool-down
+/// has no window of ours, so it gets only `RateLimit`.
+pub fn insert_rate_limit(headers: &mut HeaderMap, s: &Standing) {
+    let name = format!("{}-{}", s.bucket.label(), s.scope.label());
+    if let Some(w) = &s.window {
+        let policy = format!("\"{name}\";q={};w={}", w.limit, w.seconds());
+        headers.insert(
+            RATELIMIT_POLICY,
+            HeaderValue::from_str(&policy).expect("labels and digits are header-safe"),
+        );
+    }
+    let now = format!(
+        "\"{name}\";r={};t={}",
+        s.remaining,
+        s.reset_ms.div_ceil(1000)
+    );
+    headers.insert(
+        RATELIMIT,
+        HeaderValue::from_str(&now).expect("labels and digits are header-safe"),
+    );
 }
 
 /// A `Debug` view of headers that masks every credential-bearing value.

@@ -18,6 +18,9 @@
 //! | [`auth`] | bearer token to principal |
 //! | [`route`] | normal-form path check and endpoint classification |
 //! | [`credentials`] | each user's cookie and the SCIM token |
+//! | [`quota`] | per-user and per-token windows, Knoq cool-downs, the journal |
+//! | [`clock`] | injectable wall-clock milliseconds for quotas |
+//! | [`state`] | the state directory; atomic, durable file replacement |
 //! | [`headers`] | rewriting headers both ways; redacted view for logs |
 //! | [`upstream`] | the pooled HTTPS client towards Knoq, typed errors |
 //! | [`error`] | the one map from errors to status, code and JSON body |
@@ -30,7 +33,7 @@
 //!
 //! ```text
 //! server::serve -> pipeline::Gateway::handle
-//!     -> inspect -> auth -> route -> credentials -> headers (rewrite)
+//!     -> inspect -> auth -> route -> credentials -> quota -> headers (rewrite)
 //!     -> upstream::send -> headers (filter) -> response
 //!     (one log line per request, at the end)
 //! ```
@@ -43,6 +46,7 @@ pub mod admin;
 pub mod auth;
 pub mod body;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod credentials;
 pub mod demo;
@@ -51,11 +55,13 @@ pub mod headers;
 pub mod inspect;
 pub mod logging;
 pub mod pipeline;
+pub mod quota;
 pub mod route;
 pub mod secrets;
 pub mod server;
 pub mod shutdown;
 pub mod sim;
+pub mod state;
 pub mod tls;
 pub mod units;
 pub mod upstream;
@@ -67,6 +73,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admin::Admin;
+use crate::clock::{Clock, Millis, SystemClock};
 use crate::config::{Config, ConfigError, Problem};
 use crate::credentials::Credentials;
 use crate::inspect::HygieneRules;
@@ -83,8 +90,38 @@ pub struct Prepared {
 }
 
 /// Reads every file the config names and builds the gateway, reporting
-/// every problem at once. Binds nothing: `check` uses this too.
+/// every problem at once. Binds nothing. Opens (and compacts) the quota
+/// journal in the state directory, creating the directory if needed.
 pub fn prepare(config: Config) -> Result<Prepared, ConfigError> {
+    prepare_with_clock(config, Arc::new(SystemClock::new()))
+}
+
+/// Checks everything `prepare` would, without changing any file.
+pub fn check(config: &Config) -> Result<(), ConfigError> {
+    let mut problems: Vec<Problem> = Vec::new();
+    if let Err(p) = Credentials::load(config) {
+        problems.extend(p);
+    }
+    if let Some(files) = &config.server.tls {
+        if let Err(e) = tls::server_config(files) {
+            problems.push(Problem::new("server.tls_key", e));
+        }
+    }
+    if let Err(e) = tls::client_config(config.upstream.ca_file.as_deref()) {
+        problems.push(Problem::new("upstream.ca_file", e));
+    }
+    if let Err(e) = quota::journal::Journal::inspect(&config.state.dir) {
+        problems.push(Problem::new("state.dir", e));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.into())
+    }
+}
+
+/// As [`prepare`], with the clock quotas use (tests drive it by hand).
+pub fn prepare_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Prepared, ConfigError> {
     let mut problems: Vec<Problem> = Vec::new();
     let credentials = Credentials::load(&config)
         .map_err(|p| problems.extend(p))
@@ -98,7 +135,24 @@ pub fn prepare(config: Config) -> Result<Prepared, ConfigError> {
     let client_tls = tls::client_config(config.upstream.ca_file.as_deref())
         .map_err(|e| problems.push(Problem::new("upstream.ca_file", e)))
         .ok();
-    let (Some(credentials), Some(client_tls)) = (credentials, client_tls) else {
+    let policy = quota::Policy::new(&config);
+    let margin = config.quotas.margin.as_millis() as Millis;
+    let now = clock.now();
+    let store = state::ensure_dir(&config.state.dir)
+        .map_err(|e| format!("{}: {e}", config.state.dir.display()))
+        .and_then(|()| {
+            quota::journal::Journal::open(
+                &config.state.dir,
+                now,
+                policy.retention(margin),
+                quota::journal::SEGMENT_BYTES,
+            )
+        })
+        .map(|(journal, history)| quota::LocalStore::open(journal, history, &policy, margin))
+        .map_err(|e| problems.push(Problem::new("state.dir", e)))
+        .ok();
+    let (Some(credentials), Some(client_tls), Some(store)) = (credentials, client_tls, store)
+    else {
         return Err(problems.into());
     };
     if !problems.is_empty() {
@@ -115,6 +169,7 @@ pub fn prepare(config: Config) -> Result<Prepared, ConfigError> {
         credentials: credentials.clone(),
         upstream: Upstream::new(&config.upstream, client_tls),
         origin: config.upstream.origin.clone(),
+        quotas: quota::Quotas::new(policy, Arc::new(store), clock, &config.quotas),
     };
     Ok(Prepared {
         gateway: Arc::new(gateway),
@@ -122,19 +177,6 @@ pub fn prepare(config: Config) -> Result<Prepared, ConfigError> {
         tls: server_tls.map(|c| TlsAcceptor::from(Arc::new(c))),
         config: Arc::new(config),
     })
-}
-
-/// Creates the state directory (mode 0700) if it does not exist yet.
-pub fn ensure_state_dir(config: &Config) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    let dir = &config.state.dir;
-    if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
-    }
-    Ok(())
 }
 
 /// Serves the clients' port and the admin port until `shutdown` resolves,

@@ -8,6 +8,7 @@
 //!        route    -> route.rs     (400/404; SCIM needs a scim token: 403)
 //!        body cap -> Content-Length against server.max_body (413)
 //!        credential -> credentials.rs (the user's cookie or the SCIM token)
+//!        quota    -> quota/       (429; consumes quota only when admitted)
 //!        rewrite  -> headers.rs   (strip client identity, inject cookie + Origin)
 //!        upstream -> upstream/    (one exchange, deadline-bounded)
 //!        response -> headers.rs   (strip Set-Cookie, hop-by-hop, CORS, Alt-Svc)
@@ -22,7 +23,7 @@
 
 use std::sync::Arc;
 
-use http::header::CONTENT_LENGTH;
+use http::header::{CONTENT_LENGTH, RETRY_AFTER};
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -33,6 +34,7 @@ use crate::credentials::Credentials;
 use crate::error::{Blame, GatewayError};
 use crate::headers::{self, UpstreamAuth, X_REQUEST_ID};
 use crate::inspect::HygieneRules;
+use crate::quota::Quotas;
 use crate::route::{self, Route};
 use crate::upstream::Upstream;
 
@@ -44,6 +46,7 @@ pub struct Gateway {
     pub(crate) credentials: Arc<Credentials>,
     pub(crate) upstream: Upstream,
     pub(crate) origin: HeaderValue,
+    pub(crate) quotas: Quotas,
 }
 
 /// Facts the stages learn about one request, read once at the end for the
@@ -154,6 +157,10 @@ impl Gateway {
             })?;
             UpstreamAuth::Cookie(&cookie)
         };
+        // Quota last before sending: a request refused for another reason
+        // consumes nothing.
+        let grant = self.quotas.admit(&principal, route).await?;
+
         headers::rewrite_request(&mut parts.headers, auth, &self.origin);
         parts.headers.insert(X_REQUEST_ID, ctx.request_id.clone());
         parts.uri = self.upstream.uri_for(parts.uri.path_and_query());
@@ -178,6 +185,13 @@ impl Gateway {
         // Set-Cookie never reaches a client; applying it to the stored
         // cookie is the credential-lifecycle stage's job.
         let _set_cookies = headers::filter_response(rsp.headers_mut());
+        if rsp.status() == StatusCode::TOO_MANY_REQUESTS {
+            let retry_after = rsp.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok());
+            self.quotas.knoq_refused(&principal, route, retry_after);
+        }
+        if let Some(standing) = grant.and_then(|g| g.tightest) {
+            headers::insert_rate_limit(rsp.headers_mut(), &standing);
+        }
         Ok(rsp)
     }
 }

@@ -72,6 +72,10 @@ pub struct BedBuilder {
     pub upstream_url: Option<String>,
     /// Leave `ca_file` out (to see an untrusted upstream fail).
     pub trust_sim: bool,
+    /// TOML appended at the end (e.g. a `[quotas]` table).
+    pub tail_toml: String,
+    /// Extra tokens: (name, user, TOML lines for the entry).
+    pub extra_tokens: Vec<(&'static str, &'static str, String)>,
 }
 
 pub struct TestBed {
@@ -106,6 +110,8 @@ impl TestBed {
             upstream_toml: String::new(),
             upstream_url: None,
             trust_sim: true,
+            tail_toml: String::new(),
+            extra_tokens: Vec::new(),
         }
     }
 
@@ -163,10 +169,14 @@ impl BedBuilder {
         let admin_addr = admin.local_addr().unwrap();
         let mut tokens = HashMap::new();
         let mut token_toml = String::new();
-        for (name, user, scim) in TOKENS {
+        let all = TOKENS
+            .iter()
+            .map(|(n, u, scim)| (*n, *u, format!("scim = {scim}\n")))
+            .chain(self.extra_tokens.iter().cloned());
+        for (name, user, extra) in all {
             let token = knoq_gateway::auth::new_token();
             token_toml.push_str(&format!(
-                "[[tokens]]\nname = \"{name}\"\nuser = \"{user}\"\nsha256 = \"{}\"\nscim = {scim}\n",
+                "[[tokens]]\nname = \"{name}\"\nuser = \"{user}\"\nsha256 = \"{}\"\n{extra}",
                 knoq_gateway::auth::digest_hex(&token)
             ));
             tokens.insert(name, token);
@@ -181,18 +191,14 @@ impl BedBuilder {
              [upstream]\nurl = \"{url}\"\n{ca}{upstream}\n[state]\ndir = \"state\"\n\
              [scim]\ntoken_file = \"scim.token\"\n\
              [[users]]\nname = \"alice\"\ncookie_file = \"alice.cookie\"\n\
-             [[users]]\nname = \"bob\"\ncookie_file = \"bob.cookie\"\n{token_toml}",
+             [[users]]\nname = \"bob\"\ncookie_file = \"bob.cookie\"\n{token_toml}{tail}",
+            tail = self.tail_toml,
             server = self.server_toml,
             upstream = self.upstream_toml,
             url = self.upstream_url.unwrap_or_else(|| sim.base_url()),
         );
         std::fs::write(dir.0.join("gateway.toml"), &config_text).unwrap();
-        let config = Config::from_toml_str(&config_text, &dir.0).unwrap();
-        let prepared = knoq_gateway::prepare(config).unwrap();
-        let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(knoq_gateway::run(prepared, proxy, admin, async move {
-            let _ = stop_rx.await;
-        }));
+        let (stop_tx, task) = launch(&config_text, &dir.0, proxy, admin);
         TestBed {
             control: sim.control(),
             sim: Some(sim),
@@ -204,6 +210,37 @@ impl BedBuilder {
             stop: Some(stop_tx),
             task: Some(task),
         }
+    }
+}
+
+/// Builds and starts a gateway from config text on the given listeners.
+fn launch(
+    config_text: &str,
+    dir: &Path,
+    proxy: TcpListener,
+    admin: TcpListener,
+) -> (oneshot::Sender<()>, JoinHandle<()>) {
+    let config = Config::from_toml_str(config_text, dir).unwrap();
+    let prepared = knoq_gateway::prepare(config).unwrap_or_else(|e| panic!("{e}"));
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(knoq_gateway::run(prepared, proxy, admin, async move {
+        let _ = stop_rx.await;
+    }));
+    (stop_tx, task)
+}
+
+impl TestBed {
+    /// Stops the gateway and starts a new one on the same config and state
+    /// directory (new ports), as a process restart would.
+    pub async fn restart_gateway(&mut self) {
+        self.stop_gateway().await;
+        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        self.addr = proxy.local_addr().unwrap();
+        self.admin = admin.local_addr().unwrap();
+        let (stop, task) = launch(&self.config_text, &self.dir.0, proxy, admin);
+        self.stop = Some(stop);
+        self.task = Some(task);
     }
 }
 

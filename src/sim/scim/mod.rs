@@ -111,7 +111,7 @@ fn list_users(users: &[ScimUser], req: &SimRequest, base: &str) -> Result<Reply,
         .filter(|u| {
             filter
                 .as_ref()
-                .map_or(true, |(attr, value)| u.matches(attr, value))
+                .is_none_or(|(attr, value)| u.matches(attr, value))
         })
         .collect();
     let start = req

@@ -1,0 +1,533 @@
+//! Quotas through real sockets: exact admission counts under concurrency,
+//! restarts (in-process and `kill -9`), Knoq's own 429, and the soak test
+//! against the simulated Knoq enforcing the same limits.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use knoq_gateway::sim::{Fault, SimLimits, SimRoute, Window};
+use support::*;
+
+const MESSAGE: &str = "/api/managed-agents/message";
+const SESSION: &str = "/api/managed-agents/session";
+
+async fn open_session(bed: &TestBed, token: &str) -> String {
+    let r = send(
+        &client(),
+        req(
+            "POST",
+            &bed.url(SESSION),
+            Some(token),
+            Some(r#"{"text":"quota test"}"#),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    r.json()["id"].as_str().unwrap().to_string()
+}
+
+fn message(sid: &str, text: &str) -> String {
+    format!(r#"{{"sessionId":"{sid}","text":"{text}"}}"#)
+}
+
+#[tokio::test]
+async fn concurrent_requests_from_ten_tokens_admit_exactly_the_limit() {
+    let extra: Vec<_> = ["t0", "t1", "t2", "t3", "t4", "t5", "t6", "t7", "t8", "t9"]
+        .into_iter()
+        .map(|n| (n, "alice", String::new()))
+        .collect();
+    let bed = BedBuilder {
+        // An hour-long window cannot free a slot while the test runs.
+        tail_toml: "[quotas]\nmessage = [\"37/hour\"]\n".into(),
+        extra_tokens: extra,
+        ..TestBed::builder()
+    }
+    .start()
+    .await;
+    let sid = open_session(&bed, bed.token("alice-svc")).await;
+    let c = client();
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let token = bed.token(&format!("t{}", i % 10)).to_string();
+        let (c, url, body) = (c.clone(), bed.url(MESSAGE), message(&sid, &format!("m{i}")));
+        tasks.push(tokio::spawn(async move {
+            send(&c, req("POST", &url, Some(&token), Some(&body))).await
+        }));
+    }
+    let mut admitted = 0;
+    let mut refused = 0;
+    for t in tasks {
+        let r = t.await.unwrap();
+        match r.status.as_u16() {
+            200 => admitted += 1,
+            429 => {
+                refused += 1;
+                let j = r.json();
+                assert_eq!(j["code"], "quota_exceeded");
+                assert_eq!(
+                    (
+                        j["bucket"].as_str(),
+                        j["limit"].as_str(),
+                        j["scope"].as_str()
+                    ),
+                    (Some("message"), Some("37/hour"), Some("user"))
+                );
+                let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+                assert!((3590..=3601).contains(&retry), "{retry}");
+                assert_eq!(j["retryAfter"], retry);
+                assert_eq!(
+                    r.headers["ratelimit-policy"],
+                    "\"message-user\";q=37;w=3600"
+                );
+                assert!(r.headers["ratelimit"]
+                    .to_str()
+                    .unwrap()
+                    .starts_with("\"message-user\";r=0;t="));
+            }
+            other => panic!("unexpected {other}: {:?}", r.body),
+        }
+    }
+    assert_eq!((admitted, refused), (37, 163));
+    // The session's opening text is its first user_message.
+    assert_eq!(
+        bed.control.user_messages(&sid).len(),
+        1 + 37,
+        "Knoq received exactly the admitted ones"
+    );
+    bed.shutdown().await;
+}
+
+#[tokio::test]
+async fn admitted_responses_carry_ratelimit_headers_for_the_tightest_window() {
+    let bed = BedBuilder {
+        tail_toml: "[quotas]\nsession = [\"10/min\", \"20/hour\"]\n".into(),
+        extra_tokens: vec![(
+            "tight",
+            "alice",
+            "quotas = { session = [\"3/hour\"] }\n".into(),
+        )],
+        ..TestBed::builder()
+    }
+    .start()
+    .await;
+    let c = client();
+    let r = send(
+        &c,
+        req(
+            "POST",
+            &bed.url(SESSION),
+            Some(bed.token("alice-svc")),
+            Some(r#"{"text":"a"}"#),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["ratelimit-policy"], "\"session-user\";q=10;w=60");
+    assert!(r.headers["ratelimit"]
+        .to_str()
+        .unwrap()
+        .starts_with("\"session-user\";r=9;t="));
+    // The token's own share is tighter: 3/hour, one left after two.
+    for expect_r in [2, 1, 0] {
+        let r = send(
+            &c,
+            req(
+                "POST",
+                &bed.url(SESSION),
+                Some(bed.token("tight")),
+                Some(r#"{"text":"b"}"#),
+            ),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.headers["ratelimit-policy"],
+            "\"session-token\";q=3;w=3600"
+        );
+        assert!(r.headers["ratelimit"]
+            .to_str()
+            .unwrap()
+            .starts_with(&format!("\"session-token\";r={expect_r};")));
+    }
+    let r = send(
+        &c,
+        req(
+            "POST",
+            &bed.url(SESSION),
+            Some(bed.token("tight")),
+            Some(r#"{"text":"b"}"#),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["scope"], "token");
+    // The account still has room for its other tools.
+    let r = send(
+        &c,
+        req(
+            "POST",
+            &bed.url(SESSION),
+            Some(bed.token("alice-batch")),
+            Some(r#"{"text":"c"}"#),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    // Reads are not governed by default: no headers.
+    let r = send(
+        &c,
+        req(
+            "GET",
+            &bed.url("/api/managed-agents/sessions"),
+            Some(bed.token("alice-svc")),
+            None,
+        ),
+    )
+    .await;
+    assert!(!r.headers.contains_key("ratelimit"));
+    bed.shutdown().await;
+}
+
+#[tokio::test]
+async fn consumed_quota_survives_a_restart() {
+    let mut bed = BedBuilder {
+        tail_toml: "[quotas]\nmessage = [\"3/hour\"]\n".into(),
+        ..TestBed::builder()
+    }
+    .start()
+    .await;
+    let sid = open_session(&bed, bed.token("alice-svc")).await;
+    for i in 0..3 {
+        let r = send(
+            &client(),
+            req(
+                "POST",
+                &bed.url(MESSAGE),
+                Some(bed.token("alice-svc")),
+                Some(&message(&sid, &format!("{i}"))),
+            ),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+    }
+    bed.restart_gateway().await;
+    let r = send(
+        &client(),
+        req(
+            "POST",
+            &bed.url(MESSAGE),
+            Some(bed.token("alice-batch")),
+            Some(&message(&sid, "after")),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 429, "{:?}", r.body);
+    assert_eq!(r.json()["scope"], "user");
+    // Bob's account was never touched.
+    let bob = open_session(&bed, bed.token("bob-svc")).await;
+    let r = send(
+        &client(),
+        req(
+            "POST",
+            &bed.url(MESSAGE),
+            Some(bed.token("bob-svc")),
+            Some(&message(&bob, "hi")),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    bed.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_damaged_journal_stops_start_up_with_a_clear_message() {
+    let bed = TestBed::start().await;
+    let journal = bed.dir.0.join("state").join("quota.journal");
+    std::fs::write(&journal, "knoq-gateway quota journal v1\nA garbage\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_knoq-gateway"))
+        .args(["check", "--config"])
+        .arg(config_path(&bed))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("state.dir") && err.contains("line 2 is damaged"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&journal).unwrap(),
+        "knoq-gateway quota journal v1\nA garbage\n"
+    );
+    bed.shutdown().await;
+}
+
+/// `kill -9` the real binary right after it admitted requests; the new
+/// process still refuses the next one.
+#[tokio::test]
+async fn consumed_quota_survives_kill_9() {
+    let bed = BedBuilder {
+        tail_toml: "[quotas]\nmessage = [\"4/hour\"]\n".into(),
+        ..TestBed::builder()
+    }
+    .start()
+    .await;
+    let sid = open_session(&bed, bed.token("alice-svc")).await;
+    let (config, paddr, aaddr) = second_config(&bed, "kill9.toml");
+    let state_dir = bed.dir.0.join("state-kill9");
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config).unwrap().replace(
+            "dir = \"state\"",
+            &format!("dir = \"{}\"", state_dir.display()),
+        ),
+    )
+    .unwrap();
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_knoq-gateway"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let c = client();
+    let mut child = spawn();
+    wait_healthy(&c, aaddr).await;
+    let base = format!("http://{paddr}");
+    for i in 0..4 {
+        let r = send(
+            &c,
+            req(
+                "POST",
+                &format!("{base}{MESSAGE}"),
+                Some(bed.token("alice-svc")),
+                Some(&message(&sid, &format!("k{i}"))),
+            ),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let mut child = spawn();
+    wait_healthy(&c, aaddr).await;
+    let r = send(
+        &c,
+        req(
+            "POST",
+            &format!("{base}{MESSAGE}"),
+            Some(bed.token("alice-svc")),
+            Some(&message(&sid, "k4")),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 429, "{:?}", r.body);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(bed.control.user_messages(&sid).len(), 1 + 4);
+    bed.shutdown().await;
+}
+
+/// A config for a second gateway process: same secrets and upstream, fresh ports.
+fn second_config(
+    bed: &TestBed,
+    name: &str,
+) -> (
+    std::path::PathBuf,
+    std::net::SocketAddr,
+    std::net::SocketAddr,
+) {
+    let proxy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (paddr, aaddr) = (proxy.local_addr().unwrap(), admin.local_addr().unwrap());
+    drop((proxy, admin));
+    let text = bed
+        .config_text
+        .replace(&bed.addr.to_string(), &paddr.to_string())
+        .replace(&bed.admin.to_string(), &aaddr.to_string());
+    let path = bed.dir.0.join(name);
+    std::fs::write(&path, text).unwrap();
+    (path, paddr, aaddr)
+}
+
+async fn wait_healthy(c: &PlainClient, admin: std::net::SocketAddr) {
+    eventually("the gateway process is up", Duration::from_secs(10), || {
+        let c = c.clone();
+        let url = format!("http://{admin}/healthz");
+        async move { c.request(req("GET", &url, None, None)).await.is_ok() }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn knoqs_own_429_passes_through_and_holds_the_bucket() {
+    let bed = TestBed::start().await;
+    let sid = open_session(&bed, bed.token("alice-svc")).await;
+    bed.control.fail_next(
+        SimRoute::MessageSend,
+        vec![Fault::status_retry_after(429, 2)],
+    );
+    let c = client();
+    let r = send(
+        &c,
+        req(
+            "POST",
+            &bed.url(MESSAGE),
+            Some(bed.token("alice-svc")),
+            Some(&message(&sid, "one")),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.headers["retry-after"], "2");
+    assert!(r.json().get("code").is_none(), "Knoq's own body, unchanged");
+    let seen = bed.control.requests().len();
+
+    // Meanwhile the gateway answers for Knoq, for every token of the user.
+    let r = send(
+        &c,
+        req(
+            "POST",
+            &bed.url(MESSAGE),
+            Some(bed.token("alice-batch")),
+            Some(&message(&sid, "two")),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 429);
+    let j = r.json();
+    assert_eq!(
+        (j["code"].as_str(), j["scope"].as_str(), j["limit"].as_str()),
+        (Some("quota_exceeded"), Some("knoq"), Some("set by Knoq"))
+    );
+    let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry));
+    assert_eq!(bed.control.requests().len(), seen, "not sent to Knoq");
+    // Other buckets and other users are unaffected.
+    let r = send(
+        &c,
+        req(
+            "GET",
+            &bed.url("/api/managed-agents/sessions"),
+            Some(bed.token("alice-svc")),
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    // After Knoq's Retry-After the bucket opens again.
+    let control = bed.control.clone();
+    let url = bed.url(MESSAGE);
+    let token = bed.token("alice-svc").to_string();
+    eventually("the cool-down ends", Duration::from_secs(5), || {
+        let (c, url, token, sid) = (c.clone(), url.clone(), token.clone(), sid.clone());
+        async move {
+            send(
+                &c,
+                req("POST", &url, Some(&token), Some(&message(&sid, "three"))),
+            )
+            .await
+            .status
+                == 200
+        }
+    })
+    .await;
+    assert_eq!(control.user_messages(&sid), ["quota test", "three"]);
+    bed.shutdown().await;
+}
+
+/// Several tokens hammer one account at several times the allowed rate for
+/// a bounded time; the simulated Knoq enforces the same (scaled) limit on
+/// arrival. Knoq must never answer 429, and the gateway must still admit as
+/// many as the windows allow, less only what the margin costs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_knoq_never_rate_limits_and_the_windows_are_used() {
+    let mut sim = sim_config();
+    sim.limits = SimLimits {
+        message: vec![Window {
+            limit: 5,
+            period: Duration::from_secs(1),
+        }],
+        ..SimLimits::unlimited()
+    };
+    sim.agent_delay = Duration::from_millis(1);
+    let bed = BedBuilder {
+        sim,
+        tail_toml: "[quotas]\nmessage = [\"5/sec\"]\nmargin = \"300ms\"\n".into(),
+        ..TestBed::builder()
+    }
+    .start()
+    .await;
+    let sid = open_session(&bed, bed.token("alice-svc")).await;
+    let run_for = Duration::from_secs(4);
+    let end = tokio::time::Instant::now() + run_for;
+    let mut workers = Vec::new();
+    for (w, name) in [
+        "alice-svc",
+        "alice-batch",
+        "idp-sync",
+        "alice-svc",
+        "alice-batch",
+        "idp-sync",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (c, url, token, sid) = (
+            client(),
+            bed.url(MESSAGE),
+            bed.token(name).to_string(),
+            sid.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            let (mut ok, mut local, mut n) = (0u32, 0u32, 0u32);
+            while tokio::time::Instant::now() < end {
+                n += 1;
+                let r = send(
+                    &c,
+                    req(
+                        "POST",
+                        &url,
+                        Some(&token),
+                        Some(&message(&sid, &format!("w{w}-{n}"))),
+                    ),
+                )
+                .await;
+                match r.status.as_u16() {
+                    200 => ok += 1,
+                    429 if r.json()["code"] == "quota_exceeded" => local += 1,
+                    other => panic!("unexpected {other}: {:?}", r.body),
+                }
+                // A fast client: about 60 requests/s per worker, 70x the limit overall.
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+            (ok, local)
+        }));
+    }
+    let (mut ok, mut local) = (0, 0);
+    for w in workers {
+        let (o, l) = w.await.unwrap();
+        ok += o;
+        local += l;
+    }
+    assert_eq!(
+        bed.control.rate_limited(),
+        0,
+        "Knoq answered 429: the gateway let too much through"
+    );
+    // 5 per 1.3 s (window plus margin) over 4 s: at least 3 full windows.
+    assert!(ok >= 15, "only {ok} admitted in {run_for:?}");
+    assert!(
+        ok <= 5 * 4 + 5,
+        "{ok} admitted: more than the window allows"
+    );
+    assert!(
+        local > 100,
+        "the clients were not over the limit ({local} refusals)"
+    );
+    bed.shutdown().await;
+}
