@@ -19,15 +19,20 @@ use serde_json::json;
 
 use crate::body::{self, BoxBody};
 use crate::credentials::Credentials;
+use crate::error::GatewayError;
+use crate::inspect::HygieneRules;
 use crate::server::Handler;
 
 pub struct Admin {
     credentials: Arc<Credentials>,
+    /// The same DNS-rebinding guard as the clients' port: a web page on
+    /// this machine must not read the admin answers (they name users).
+    hosts: HygieneRules,
 }
 
 impl Admin {
-    pub fn new(credentials: Arc<Credentials>) -> Self {
-        Admin { credentials }
+    pub fn new(credentials: Arc<Credentials>, hosts: HygieneRules) -> Self {
+        Admin { credentials, hosts }
     }
 
     fn readyz(&self) -> Response<BoxBody> {
@@ -51,7 +56,11 @@ impl Admin {
 
 impl Handler for Admin {
     async fn handle(&self, req: Request<Incoming>) -> Response<BoxBody> {
-        match (req.method(), req.uri().path()) {
+        let (parts, _body) = req.into_parts();
+        if let Err(e) = self.hosts.check_host(&parts) {
+            return GatewayError::from(e).into_response();
+        }
+        match (&parts.method, parts.uri.path()) {
             (&Method::GET | &Method::HEAD, "/healthz") => {
                 json_rsp(StatusCode::OK, json!({ "status": "ok" }))
             }

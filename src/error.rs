@@ -90,6 +90,14 @@ impl GatewayError {
                     Downstream,
                 ),
                 HygieneError::MissingHost => (StatusCode::BAD_REQUEST, "missing_host", Downstream),
+                HygieneError::AmbiguousHost => {
+                    (StatusCode::BAD_REQUEST, "ambiguous_host", Downstream)
+                }
+                HygieneError::UnsupportedExpectation => (
+                    StatusCode::EXPECTATION_FAILED,
+                    "expectation_failed",
+                    Downstream,
+                ),
                 HygieneError::MisdirectedHost => (
                     StatusCode::MISDIRECTED_REQUEST,
                     "misdirected_request",
@@ -249,6 +257,12 @@ mod tests {
                 HygieneError::MisdirectedHost.into(),
                 421,
                 "misdirected_request",
+            ),
+            (HygieneError::AmbiguousHost.into(), 400, "ambiguous_host"),
+            (
+                HygieneError::UnsupportedExpectation.into(),
+                417,
+                "expectation_failed",
             ),
             (AuthError::Missing.into(), 401, "unauthorized"),
             (AuthError::Unknown.into(), 401, "unauthorized"),

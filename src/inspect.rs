@@ -11,7 +11,7 @@
 //! Contract: pure function of the request head; `Err` becomes 400, 405, 421
 //! or 431 in `error.rs`.
 
-use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::header::{CONTENT_LENGTH, EXPECT, HOST, TRANSFER_ENCODING};
 use http::request::Parts;
 use http::{Method, Version};
 
@@ -30,6 +30,10 @@ pub enum HygieneError {
     HeadersTooLarge { limit: usize },
     #[error("the Host header is missing")]
     MissingHost,
+    #[error("the request names its host more than once, or differently in Host and :authority")]
+    AmbiguousHost,
+    #[error("only `Expect: 100-continue` is supported")]
+    UnsupportedExpectation,
     #[error("this gateway does not serve that host name; use one of server.allowed_hosts")]
     MisdirectedHost,
 }
@@ -81,32 +85,67 @@ impl HygieneRules {
         if lengths > 1 || (lengths == 1 && parts.headers.contains_key(TRANSFER_ENCODING)) {
             return Err(HygieneError::AmbiguousFraming);
         }
-        let host = match parts.headers.get(HOST) {
-            Some(h) => Some(h.to_str().map_err(|_| HygieneError::MisdirectedHost)?),
-            None => parts.uri.authority().map(|a| a.as_str()),
-        };
-        match host {
-            Some(h) if self.host_allowed(h) => Ok(()),
-            Some(_) => Err(HygieneError::MisdirectedHost),
-            None if parts.version == Version::HTTP_10 => Ok(()),
-            None => Err(HygieneError::MissingHost),
+        if let Some(expect) = parts.headers.get(EXPECT) {
+            if !expect.as_bytes().eq_ignore_ascii_case(b"100-continue") {
+                return Err(HygieneError::UnsupportedExpectation);
+            }
         }
+        self.check_host(parts)
     }
 
-    fn host_allowed(&self, host: &str) -> bool {
-        let name = strip_port(host);
-        self.allowed_hosts
-            .iter()
-            .any(|allowed| allowed.eq_ignore_ascii_case(name))
+    /// The DNS-rebinding guard: exactly one host name, from the allow list.
+    /// HTTP/2 carries it in `:authority` (the URI); a `Host` header, if
+    /// also present, must say the same.
+    pub fn check_host(&self, parts: &Parts) -> Result<(), HygieneError> {
+        let mut hosts = parts.headers.get_all(HOST).iter();
+        let header = hosts.next();
+        if hosts.next().is_some() {
+            return Err(HygieneError::AmbiguousHost);
+        }
+        let header = match header {
+            Some(h) => Some(h.to_str().map_err(|_| HygieneError::MisdirectedHost)?),
+            None => None,
+        };
+        let authority = parts.uri.authority().map(|a| a.as_str());
+        let host = match (header, authority) {
+            (Some(h), Some(a)) if !h.eq_ignore_ascii_case(a) => {
+                return Err(HygieneError::AmbiguousHost)
+            }
+            (Some(h), _) => h,
+            (None, Some(a)) => a,
+            (None, None) if parts.version == Version::HTTP_10 => return Ok(()),
+            (None, None) => return Err(HygieneError::MissingHost),
+        };
+        match host_name(host) {
+            Some(name)
+                if self
+                    .allowed_hosts
+                    .iter()
+                    .any(|a| a.eq_ignore_ascii_case(name)) =>
+            {
+                Ok(())
+            }
+            _ => Err(HygieneError::MisdirectedHost),
+        }
     }
 }
 
-/// `host:port` to `host`, keeping IPv6 brackets: `[::1]:80` to `[::1]`.
-fn strip_port(host: &str) -> &str {
-    if host.starts_with('[') {
-        return host.find(']').map_or(host, |end| &host[..=end]);
+/// `host[:port]` to `host`, keeping IPv6 brackets (`[::1]:80` to `[::1]`);
+/// `None` when the port is not a number (`localhost:@evil.example`).
+fn host_name(host: &str) -> Option<&str> {
+    let (name, port) = if host.starts_with('[') {
+        let end = host.find(']')?;
+        (&host[..=end], host[end + 1..].strip_prefix(':'))
+    } else {
+        match host.split_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (host, None),
+        }
+    };
+    match port {
+        Some(p) if p.parse::<u16>().is_err() => None,
+        _ => Some(name),
     }
-    host.rsplit_once(':').map_or(host, |(name, _)| name)
 }
 
 #[cfg(test)]
@@ -222,5 +261,44 @@ mod tests {
         assert_eq!(check(tricky), Err(HygieneError::MisdirectedHost));
         let none = Request::get("/x").body(()).unwrap();
         assert_eq!(check(none), Err(HygieneError::MissingHost));
+        let userinfo = Request::get("/x")
+            .header("host", "localhost:@evil.example")
+            .body(())
+            .unwrap();
+        assert_eq!(check(userinfo), Err(HygieneError::MisdirectedHost));
+        let two = Request::get("/x")
+            .header("host", "localhost")
+            .header("host", "evil.example")
+            .body(())
+            .unwrap();
+        assert_eq!(check(two), Err(HygieneError::AmbiguousHost));
+    }
+
+    #[test]
+    fn http2_authority_is_checked_and_must_match_host() {
+        let h2 = |authority: &str, host: Option<&str>| {
+            let mut b = Request::get(format!("http://{authority}/x")).version(Version::HTTP_2);
+            if let Some(h) = host {
+                b = b.header("host", h);
+            }
+            check(b.body(()).unwrap())
+        };
+        assert_eq!(h2("127.0.0.1:8080", None), Ok(()));
+        assert_eq!(h2("evil.example", None), Err(HygieneError::MisdirectedHost));
+        assert_eq!(
+            h2("evil.example", Some("127.0.0.1")),
+            Err(HygieneError::AmbiguousHost)
+        );
+    }
+
+    #[test]
+    fn only_100_continue_is_an_acceptable_expectation() {
+        let ok = get("/x").header("expect", "100-Continue").body(()).unwrap();
+        assert_eq!(check(ok), Ok(()));
+        let odd = get("/x")
+            .header("expect", "something-else")
+            .body(())
+            .unwrap();
+        assert_eq!(check(odd), Err(HygieneError::UnsupportedExpectation));
     }
 }
