@@ -62,6 +62,7 @@ pub async fn serve<H: Handler>(
     opts: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) {
+    let builder = Arc::new(connection_builder(&opts));
     let permits = Arc::new(Semaphore::new(opts.max_connections));
     let (drain_tx, drain_rx) = watch::channel(false);
     // Each connection task holds a clone of `done_tx`; when the last one is
@@ -90,11 +91,12 @@ pub async fn serve<H: Handler>(
         accept_backoff = Duration::from_millis(5);
         let handler = handler.clone();
         let opts = opts.clone();
+        let builder = builder.clone();
         let drain = drain_rx.clone();
         let done = done_tx.clone();
         tokio::spawn(async move {
             tracing::trace!(%peer, "connection accepted");
-            serve_connection(stream, handler, opts, drain).await;
+            serve_connection(stream, &builder, handler, opts, drain).await;
             drop(permit);
             drop(done);
         });
@@ -113,18 +115,46 @@ pub async fn serve<H: Handler>(
     }
 }
 
+/// The HTTP settings every connection of a listener shares, built once.
+fn connection_builder(opts: &ServeOptions) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(opts.header_read_timeout)
+        .keep_alive(true)
+        // Our own limit answers with JSON first (inspect.rs); hyper's bare
+        // 431 is only the backstop for heads far beyond it.
+        .max_headers(256)
+        // hyper's floor is 8 KiB; leave room above our own (JSON) limit.
+        .max_buf_size((opts.max_header_bytes * 2).max(8192 + 1024));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(opts.max_header_bytes * 2).unwrap_or(u32::MAX))
+        .max_concurrent_streams(256)
+        // A peer that stops answering pings is dead: close it.
+        .keep_alive_interval(Some(H2_PING_INTERVAL))
+        .keep_alive_timeout(H2_PING_TIMEOUT);
+    builder
+}
+
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
 async fn serve_connection<H: Handler>(
     stream: TcpStream,
+    builder: &auto::Builder<TokioExecutor>,
     handler: Arc<H>,
     opts: ServeOptions,
     drain: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
     match &opts.tls {
-        None => drive(stream, handler, &opts, drain).await,
+        None => drive(stream, builder, handler, &opts, drain).await,
         Some(acceptor) => {
             match tokio::time::timeout(opts.header_read_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => drive(tls, handler, &opts, drain).await,
+                Ok(Ok(tls)) => drive(tls, builder, handler, &opts, drain).await,
                 Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!("TLS handshake timed out"),
             }
@@ -132,25 +162,17 @@ async fn serve_connection<H: Handler>(
     }
 }
 
-async fn drive<I, H>(io: I, handler: Arc<H>, opts: &ServeOptions, mut drain: watch::Receiver<bool>)
-where
+async fn drive<I, H>(
+    io: I,
+    builder: &auto::Builder<TokioExecutor>,
+    handler: Arc<H>,
+    opts: &ServeOptions,
+    mut drain: watch::Receiver<bool>,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Handler,
 {
     let activity = Arc::new(Activity::new());
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(opts.header_read_timeout)
-        .keep_alive(true)
-        // hyper's floor is 8 KiB; leave room above our own (JSON) limit.
-        .max_buf_size((opts.max_header_bytes * 2).max(8192 + 1024));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(opts.max_header_bytes * 2).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256);
     let svc_activity = activity.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         let handler = handler.clone();
@@ -164,6 +186,7 @@ where
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let mut closing = false;
+    let mut closing_since = Instant::now();
     loop {
         tokio::select! {
             result = conn.as_mut() => {
@@ -173,13 +196,20 @@ where
                 break;
             }
             _ = drain.changed(), if !closing => {
-                closing = true;
+                (closing, closing_since) = (true, Instant::now());
                 conn.as_mut().graceful_shutdown();
             }
-            () = activity.idle(opts.header_read_timeout, opts.idle_timeout), if !closing => {
+            () = activity.idle(opts.header_read_timeout, opts.idle_timeout, None), if !closing => {
                 tracing::trace!("closing idle connection");
-                closing = true;
+                (closing, closing_since) = (true, Instant::now());
                 conn.as_mut().graceful_shutdown();
+            }
+            // A graceful close waits for the peer (an HTTP/2 GOAWAY wants a
+            // ping answer); a peer that never answers must not keep the
+            // connection, or its slot, forever.
+            () = activity.idle(opts.header_read_timeout, opts.header_read_timeout, Some(closing_since)), if closing => {
+                tracing::trace!("dropping a connection that did not close in time");
+                break;
             }
         }
     }
@@ -230,8 +260,14 @@ impl Activity {
     }
 
     /// Resolves once the connection has had no request in flight for the
-    /// idle timeout (or, before its first request, the header read timeout).
-    async fn idle(&self, first_request_timeout: Duration, idle_timeout: Duration) {
+    /// idle timeout (or, before its first request, the header read timeout),
+    /// counting from `not_before` at the earliest.
+    async fn idle(
+        &self,
+        first_request_timeout: Duration,
+        idle_timeout: Duration,
+        not_before: Option<Instant>,
+    ) {
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -246,7 +282,8 @@ impl Activity {
                 first_request_timeout
             };
             let since = Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
-            let deadline = self.born + since + limit;
+            let idle_from = (self.born + since).max(not_before.unwrap_or(self.born));
+            let deadline = idle_from + limit;
             if Instant::now() >= deadline {
                 return;
             }
