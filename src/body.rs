@@ -42,7 +42,9 @@ pub struct BodyDeadlineExceeded;
 pin_project! {
     /// A body that fails with [`BodyDeadlineExceeded`] if it has not ended
     /// by `deadline`, so a Knoq response that stalls mid-body cannot hold a
-    /// client (and a pooled connection) forever.
+    /// client (and a pooled connection) forever. It also ends the body at a
+    /// trailers frame: trailers could carry `Set-Cookie` past the header
+    /// filter, and Knoq's JSON answers have no use for them.
     pub struct Deadline<B> {
         #[pin]
         inner: B,
@@ -74,7 +76,10 @@ where
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
         if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
-            return Poll::Ready(frame.map(|r| r.map_err(Into::into)));
+            return Poll::Ready(match frame {
+                Some(Ok(f)) if f.is_trailers() => None,
+                other => other.map(|r| r.map_err(Into::into)),
+            });
         }
         match this.sleep.poll(cx) {
             Poll::Ready(()) => Poll::Ready(Some(Err(BodyDeadlineExceeded.into()))),

@@ -59,6 +59,21 @@ struct RequestCtx {
     upstream_status: Option<StatusCode>,
 }
 
+/// Every cause below an error, joined: "a: b: c". Our errors and the
+/// libraries' below them describe what failed, never a header or body.
+fn cause_chain(err: &dyn std::error::Error) -> String {
+    let mut out = String::new();
+    let mut next = err.source();
+    while let Some(e) = next {
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&e.to_string());
+        next = e.source();
+    }
+    out
+}
+
 // === impl Gateway ===
 
 impl Gateway {
@@ -87,7 +102,7 @@ impl Gateway {
                         request_id = ?ctx.request_id,
                         code = reply.code,
                         error = %err,
-                        cause = ?std::error::Error::source(&err).map(ToString::to_string),
+                        cause = %cause_chain(&err),
                         "request failed"
                     ),
                 }

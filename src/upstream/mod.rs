@@ -143,6 +143,8 @@ fn classify(err: hyper_util::client::legacy::Error) -> UpstreamError {
                         | io::ErrorKind::ConnectionAborted
                 )
             })
+            || e.downcast_ref::<h2::Error>()
+                .is_some_and(|h| h.is_io() || h.is_reset() || h.is_go_away())
     });
     if reset {
         return UpstreamError::Reset(err.into());
