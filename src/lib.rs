@@ -159,11 +159,13 @@ pub fn prepare_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Prepa
         return Err(problems.into());
     }
     let credentials = Arc::new(credentials);
+    let hygiene = HygieneRules {
+        max_header_bytes: config.server.max_header_bytes,
+        allowed_hosts: config.server.allowed_hosts.clone(),
+    };
+    let admin = Admin::new(credentials.clone(), hygiene.clone());
     let gateway = Gateway {
-        hygiene: HygieneRules {
-            max_header_bytes: config.server.max_header_bytes,
-            allowed_hosts: config.server.allowed_hosts.clone(),
-        },
+        hygiene,
         max_body: config.server.max_body,
         tokens: auth::TokenTable::new(&config.tokens),
         credentials: credentials.clone(),
@@ -173,7 +175,7 @@ pub fn prepare_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Prepa
     };
     Ok(Prepared {
         gateway: Arc::new(gateway),
-        admin: Arc::new(Admin::new(credentials)),
+        admin: Arc::new(admin),
         tls: server_tls.map(|c| TlsAcceptor::from(Arc::new(c))),
         config: Arc::new(config),
     })

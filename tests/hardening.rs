@@ -44,6 +44,11 @@ async fn traversal_and_encoded_variants_are_refused_before_knoq() {
         ("/api/managed-agents/./sessions", 400),
         ("/api/managed-agents/sessions/", 400),
         ("/api/managed-agents\\..\\scim", 400),
+        ("/api/managed-agents/..;/scim/v2/Users", 400),
+        ("/api/managed-agents/%252e%252e/scim/v2/Users", 400),
+        ("/api/managed-agents/%c0%ae%c0%ae/scim/v2/Users", 400),
+        ("/api/managed-agents/%ef%bc%8fscim", 400),
+        ("/api/managed-agents/sessions;jsessionid=1", 400),
         ("/api/other", 404),
         ("/", 404),
         ("/_sim/requests", 404),
@@ -159,6 +164,17 @@ async fn methods_hosts_header_names_and_framing_are_policed() {
         "the chunked framing won"
     );
     bed.control.clear_requests();
+
+    let out = raw(
+        bed.addr,
+        raw_get(SESSIONS, &t, "Expect: teapot\r\n").as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(status_of(&out), 417, "{out}");
+    let two_hosts = format!("GET {SESSIONS} HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil.example\r\nAuthorization: Bearer {t}\r\nConnection: close\r\n\r\n");
+    let out = raw(bed.addr, two_hosts.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&out), 400, "{out}");
 
     let upgrade = raw_get(
         SESSIONS,
@@ -407,6 +423,25 @@ async fn upstream_failures_are_json_502_and_504() {
     .await;
     assert_eq!(r.status, 504);
     assert_eq!(r.json()["code"], "upstream_timeout");
+    // A reset after Knoq applied the request: the client is told it may have.
+    bed.control
+        .fail_next(SimRoute::SessionsList, vec![Fault::ApplyThenReset]);
+    let r = send(
+        &client(),
+        req(
+            "GET",
+            &bed.url(SESSIONS),
+            Some(bed.token("alice-svc")),
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.json()["code"], "upstream_reset");
+    assert!(r.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("may still have acted"));
     // Knoq's own failures pass through untouched.
     bed.control
         .fail_next(SimRoute::SessionsList, vec![Fault::status(503)]);
@@ -422,5 +457,110 @@ async fn upstream_failures_are_json_502_and_504() {
     .await;
     assert_eq!(r.status, 503);
     assert!(r.json().get("code").is_none(), "Knoq's body, not ours");
+    bed.shutdown().await;
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed_but_slow_requests_are_not() {
+    let bed = BedBuilder {
+        server_toml: "idle_timeout = \"300ms\"\n".into(),
+        ..TestBed::builder()
+    }
+    .start()
+    .await;
+    let t = bed.token("alice-svc").to_string();
+    // A request that takes longer than the idle timeout still completes.
+    bed.control.fail_next(
+        SimRoute::SessionsList,
+        vec![Fault::Delay(Duration::from_millis(800))],
+    );
+    let mut s = TcpStream::connect(bed.addr).await.unwrap();
+    let keep_alive =
+        format!("GET {SESSIONS} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {t}\r\n\r\n");
+    s.write_all(keep_alive.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Then, idle, the connection is closed by the gateway.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the idle keep-alive connection was not closed"
+    );
+    bed.shutdown().await;
+}
+
+#[tokio::test]
+async fn max_connections_holds_new_connections_until_a_slot_frees() {
+    let bed = BedBuilder {
+        server_toml: "max_connections = 2\n".into(),
+        ..TestBed::builder()
+    }
+    .start()
+    .await;
+    let t = bed.token("alice-svc").to_string();
+    bed.control
+        .fail_next(SimRoute::Transcript, vec![Fault::Hang, Fault::Hang]);
+    let hold = |n: u32| {
+        let (addr, t) = (bed.addr, t.clone());
+        async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let get = format!("GET /api/managed-agents/transcript?sessionId=h{n} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {t}\r\n\r\n");
+            s.write_all(get.as_bytes()).await.unwrap();
+            s
+        }
+    };
+    let first = hold(1).await;
+    let second = hold(2).await;
+    let control = bed.control.clone();
+    eventually("both slots are busy", Duration::from_secs(5), || {
+        let c = control.clone();
+        async move { c.in_flight() == 2 }
+    })
+    .await;
+    let c = client();
+    let url = bed.url(SESSIONS);
+    let mut third = tokio::spawn(async move { send(&c, req("GET", &url, Some(&t), None)).await });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut third)
+            .await
+            .is_err(),
+        "a third connection was served while two were held"
+    );
+    drop(first);
+    let r = tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .expect("served once a slot freed")
+        .unwrap();
+    assert_eq!(r.status, 200);
+    drop(second);
+    bed.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_upstream_redirect_is_passed_through_not_followed() {
+    let bed = TestBed::start().await;
+    bed.control
+        .fail_next(SimRoute::SessionsList, vec![Fault::status(302)]);
+    let r = send(
+        &client(),
+        req(
+            "GET",
+            &bed.url(SESSIONS),
+            Some(bed.token("alice-svc")),
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 302);
+    assert_eq!(
+        bed.control.requests().len(),
+        1,
+        "the gateway did not follow it"
+    );
     bed.shutdown().await;
 }

@@ -198,6 +198,17 @@ fn check_reports_every_problem_with_its_key_and_exits_1() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // A symlink to a private file is refused all the same.
+    std::fs::rename(&cookie, dir.0.join("real.cookie")).unwrap();
+    std::os::unix::fs::symlink(dir.0.join("real.cookie"), &cookie).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("symlink"));
 }
 
 #[test]
