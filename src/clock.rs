@@ -73,3 +73,89 @@ impl Clock for ManualClock {
         self.0.load(Ordering::SeqCst)
     }
 }
+
+/// Parses an RFC 3339 UTC-or-offset timestamp (`2026-11-29T08:56:01.204Z`,
+/// `...T08:56:01+01:00`) into milliseconds since the epoch.
+pub fn parse_rfc3339_ms(text: &str) -> Option<Millis> {
+    let b = text.as_bytes();
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> { text.get(r)?.parse().ok() };
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, s) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 60 {
+        return None;
+    }
+    let mut i = 19;
+    let mut frac_ms = 0i64;
+    if b.get(i) == Some(&b'.') {
+        let start = i + 1;
+        i = start;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        let digits = text.get(start..i)?;
+        if digits.is_empty() {
+            return None;
+        }
+        let padded = format!("{:0<3}", &digits[..digits.len().min(3)]);
+        frac_ms = padded.parse().ok()?;
+    }
+    let offset_min = match text.get(i..)? {
+        "Z" | "z" => 0,
+        tz if tz.len() == 6 && matches!(&tz[..1], "+" | "-") && &tz[3..4] == ":" => {
+            let sign = if tz.starts_with('-') { -1 } else { 1 };
+            sign * (tz[1..3].parse::<i64>().ok()? * 60 + tz[4..6].parse::<i64>().ok()?)
+        }
+        _ => return None,
+    };
+    let days = days_from_civil(y, mo as u32, d as u32);
+    let ms = ((days * 24 + h) * 60 + mi - offset_min) * 60_000 + s * 1000 + frac_ms;
+    Millis::try_from(ms).ok()
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant).
+pub(crate) fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let doy = (153 * if m > 2 { m - 3 } else { m + 9 } + 2) / 5 + i64::from(d) - 1;
+    era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_in_the_forms_knoq_may_use() {
+        assert_eq!(parse_rfc3339_ms("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(parse_rfc3339_ms("1970-01-01T00:00:01.5Z"), Some(1_500));
+        assert_eq!(
+            parse_rfc3339_ms("2026-11-29T08:56:01.204Z"),
+            Some(1_795_942_561_204)
+        );
+        assert_eq!(
+            parse_rfc3339_ms("2026-11-29T09:56:01.204123+01:00"),
+            parse_rfc3339_ms("2026-11-29T08:56:01.204Z")
+        );
+        for bad in [
+            "",
+            "yesterday",
+            "2026-11-29 08:56:01Z",
+            "2026-13-01T00:00:00Z",
+            "2026-11-29T08:56:01",
+            "2026-11-29T08:56:01.Z",
+        ] {
+            assert_eq!(parse_rfc3339_ms(bad), None, "{bad}");
+        }
+    }
+}
