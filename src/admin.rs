@@ -58,7 +58,7 @@ impl Handler for Admin {
     async fn handle(&self, req: Request<Incoming>) -> Response<BoxBody> {
         let (parts, _body) = req.into_parts();
         if let Err(e) = self.hosts.check_host(&parts) {
-            return GatewayError::from(e).into_response();
+            return GatewayError::from(e).into_response(0);
         }
         match (&parts.method, parts.uri.path()) {
             (&Method::GET | &Method::HEAD, "/healthz") => {

@@ -4,8 +4,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -96,7 +94,7 @@ where
     }
 }
 
-/// What went wrong with a client's request body while it streamed to Knoq.
+/// What went wrong reading a client's request body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyFault {
     /// It grew past `server.max_body`.
@@ -105,98 +103,18 @@ pub enum BodyFault {
     Failed,
 }
 
-/// Shared record of a request body's fault. The upstream client reports a
-/// failed request body only as a generic error (over HTTP/2 it becomes a
-/// stream reset and the cause is gone), so the body itself records why.
-#[derive(Debug, Clone, Default)]
-pub struct BodyWatch(Arc<AtomicU8>);
-
-impl BodyWatch {
-    pub fn fault(&self) -> Option<BodyFault> {
-        match self.0.load(Ordering::Acquire) {
-            1 => Some(BodyFault::TooLarge),
-            2 => Some(BodyFault::Failed),
-            _ => None,
-        }
-    }
-
-    fn record(&self, fault: BodyFault) {
-        let code = match fault {
-            BodyFault::TooLarge => 1,
-            BodyFault::Failed => 2,
-        };
-        self.0.store(code, Ordering::Release);
-    }
-}
-
-/// The request body outgrew the configured limit.
-#[derive(Debug, thiserror::Error)]
-#[error("request body larger than the configured limit")]
-pub struct BodyTooLarge;
-
-pin_project! {
-    /// A request body capped at `remaining` bytes that records in a
-    /// [`BodyWatch`] why it failed, if it does.
-    pub struct Capped<B> {
-        #[pin]
-        inner: B,
-        remaining: u64,
-        watch: BodyWatch,
-    }
-}
-
-/// Caps a client's request body; the watch tells afterwards what failed.
-pub fn capped<B>(inner: B, limit: u64) -> (BoxBody, BodyWatch)
-where
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    let watch = BodyWatch::default();
-    let body = Capped {
-        inner,
-        remaining: limit,
-        watch: watch.clone(),
-    };
-    (body.boxed_unsync(), watch)
-}
-
-impl<B> Body for Capped<B>
+/// Reads a whole request body, refusing it once it passes `limit` bytes
+/// (whatever its `Content-Length` said).
+pub async fn read_capped<B>(body: B, limit: u64) -> Result<Bytes, BodyFault>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        match this.inner.poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                let len = frame.data_ref().map_or(0, |d| d.len() as u64);
-                if len > *this.remaining {
-                    this.watch.record(BodyFault::TooLarge);
-                    return Poll::Ready(Some(Err(BodyTooLarge.into())));
-                }
-                *this.remaining -= len;
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                this.watch.record(BodyFault::Failed);
-                Poll::Ready(Some(Err(e.into())))
-            }
-            other => other.map(|o| o.map(|r| r.map_err(Into::into))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+    let limited = http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    match limited.collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyFault::TooLarge),
+        Err(_) => Err(BodyFault::Failed),
     }
 }
 
@@ -280,13 +198,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn capped_body_passes_up_to_the_limit_and_records_overflow() {
-        let (body, watch) = capped(Full::new(Bytes::from_static(b"12345")), 5);
-        assert_eq!(body.collect().await.unwrap().to_bytes(), "12345");
-        assert_eq!(watch.fault(), None);
-        let (body, watch) = capped(Full::new(Bytes::from_static(b"123456")), 5);
-        assert!(body.collect().await.unwrap_err().is::<BodyTooLarge>());
-        assert_eq!(watch.fault(), Some(BodyFault::TooLarge));
+    async fn bodies_are_read_up_to_the_limit_and_refused_past_it() {
+        let ok = read_capped(Full::new(Bytes::from_static(b"12345")), 5).await;
+        assert_eq!(ok.unwrap(), "12345");
+        let big = read_capped(Full::new(Bytes::from_static(b"123456")), 5).await;
+        assert_eq!(big.unwrap_err(), BodyFault::TooLarge);
     }
 
     #[tokio::test]

@@ -28,6 +28,7 @@ use serde::Deserialize;
 use crate::quota::window::Window;
 use crate::quota::{Bucket, BucketOverrides, BucketWindows};
 use crate::units::{parse_duration, parse_size};
+use crate::upstream::retry::Backoff;
 
 pub const DEFAULT_CONFIG_PATH: &str = "config/gateway.toml";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -51,6 +52,15 @@ pub const DEFAULT_QUOTA_SESSION: &[&str] = &["10/min", "20/hour"];
 pub const DEFAULT_QUOTA_CANCEL: &[&str] = &["30/min"];
 pub const DEFAULT_QUOTA_READ: &[&str] = &[];
 pub const DEFAULT_QUOTA_MARGIN: &str = "250ms";
+pub const DEFAULT_RETRY_ATTEMPTS: u32 = 4;
+pub const DEFAULT_RETRY_BASE_DELAY: &str = "200ms";
+pub const DEFAULT_RETRY_MAX_DELAY: &str = "5s";
+pub const DEFAULT_RETRY_DEADLINE: &str = "30s";
+pub const DEFAULT_RETRY_BUDGET: f64 = 0.2;
+pub const DEFAULT_RETRY_BUDGET_FLOOR: u32 = 10;
+pub const DEFAULT_RECONCILE_SETTLE: &str = "2s";
+pub const DEFAULT_CIRCUIT_FAILURES: u32 = 5;
+pub const DEFAULT_CIRCUIT_OPEN_FOR: &str = "10s";
 
 // === Raw layer: exactly what the file says ===
 
@@ -71,6 +81,10 @@ struct RawConfig {
     scim: RawScim,
     #[serde(default)]
     quotas: RawQuotas,
+    #[serde(default)]
+    retry: RawRetry,
+    #[serde(default)]
+    circuit: RawCircuit,
     #[serde(default)]
     users: Vec<RawUser>,
     #[serde(default)]
@@ -142,6 +156,26 @@ struct RawQuotas {
     margin: Option<String>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    attempts: Option<u32>,
+    base_delay: Option<String>,
+    max_delay: Option<String>,
+    deadline: Option<String>,
+    budget: Option<f64>,
+    budget_floor: Option<u32>,
+    reconcile_settle: Option<String>,
+    resend_unconfirmed: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCircuit {
+    failures: Option<u32>,
+    open_for: Option<String>,
+}
+
 /// Windows per bucket, e.g. `message = ["60/min", "5000/month"]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -186,6 +220,8 @@ pub struct Config {
     pub log: LogConfig,
     pub scim: ScimConfig,
     pub quotas: QuotaConfig,
+    pub retry: RetryConfig,
+    pub circuit: CircuitConfig,
     pub users: Vec<UserConfig>,
     pub tokens: Vec<TokenConfig>,
 }
@@ -201,6 +237,31 @@ pub struct QuotaConfig {
     /// Added to every sliding window, so Knoq (counting on arrival) never
     /// sees more than its limit in its own window.
     pub margin: Duration,
+}
+
+/// `[retry]`: how Knoq's 502/503 and lost connections are retried.
+#[derive(Debug, Clone)]
+pub struct RetryConfig {
+    /// Upstream attempts per request, the first included (1 = no retry).
+    pub attempts: u32,
+    pub backoff: Backoff,
+    /// No retry starts after this long since the request arrived.
+    pub deadline: Duration,
+    /// Retries may add at most this fraction of recent first attempts...
+    pub budget: f64,
+    /// ...plus this many per 10 s, gateway-wide.
+    pub budget_floor: u32,
+    /// Wait before the second look when reconciling an ambiguous POST.
+    pub reconcile_settle: Duration,
+    /// Resend once when reconciliation finds nothing (may duplicate).
+    pub resend_unconfirmed: bool,
+}
+
+/// `[circuit]`: fail fast while Knoq is down.
+#[derive(Debug, Clone)]
+pub struct CircuitConfig {
+    pub failures: u32,
+    pub open_for: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -547,6 +608,21 @@ impl RawConfig {
         };
 
         let quotas = self.quotas.validate(&mut c);
+        let retry = self.retry.validate(&mut c);
+        let circuit = CircuitConfig {
+            failures: match self.circuit.failures.unwrap_or(DEFAULT_CIRCUIT_FAILURES) {
+                0 => {
+                    c.problem("circuit.failures", "must be at least 1");
+                    1
+                }
+                n => n,
+            },
+            open_for: c.positive_duration(
+                "circuit.open_for",
+                self.circuit.open_for.as_deref(),
+                DEFAULT_CIRCUIT_OPEN_FOR,
+            ),
+        };
 
         let mut users = Vec::with_capacity(self.users.len());
         let mut user_names = HashSet::new();
@@ -661,6 +737,8 @@ impl RawConfig {
             log,
             scim,
             quotas,
+            retry,
+            circuit,
             users,
             tokens,
         })
@@ -675,6 +753,53 @@ impl RawBucketQuotas {
             (Bucket::Cancel, self.cancel),
             (Bucket::Read, self.read),
         ]
+    }
+}
+
+impl RawRetry {
+    fn validate(self, c: &mut Checker<'_>) -> RetryConfig {
+        let attempts = self.attempts.unwrap_or(DEFAULT_RETRY_ATTEMPTS);
+        if !(1..=20).contains(&attempts) {
+            c.problem("retry.attempts", "must be between 1 (no retries) and 20");
+        }
+        let base = c.positive_duration(
+            "retry.base_delay",
+            self.base_delay.as_deref(),
+            DEFAULT_RETRY_BASE_DELAY,
+        );
+        let max = c.positive_duration(
+            "retry.max_delay",
+            self.max_delay.as_deref(),
+            DEFAULT_RETRY_MAX_DELAY,
+        );
+        let backoff = Backoff::try_new(base, max).unwrap_or_else(|e| {
+            c.problem("retry.max_delay", e);
+            Backoff::try_new(base, base.max(max)).expect("max clamped to at least base")
+        });
+        let budget = self.budget.unwrap_or(DEFAULT_RETRY_BUDGET);
+        if !(0.0..=10.0).contains(&budget) {
+            c.problem(
+                "retry.budget",
+                "must be a fraction between 0 and 10, e.g. 0.2",
+            );
+        }
+        RetryConfig {
+            attempts: attempts.clamp(1, 20),
+            backoff,
+            deadline: c.positive_duration(
+                "retry.deadline",
+                self.deadline.as_deref(),
+                DEFAULT_RETRY_DEADLINE,
+            ),
+            budget: budget.clamp(0.0, 10.0),
+            budget_floor: self.budget_floor.unwrap_or(DEFAULT_RETRY_BUDGET_FLOOR),
+            reconcile_settle: c.duration(
+                "retry.reconcile_settle",
+                self.reconcile_settle.as_deref(),
+                DEFAULT_RECONCILE_SETTLE,
+            ),
+            resend_unconfirmed: self.resend_unconfirmed.unwrap_or(false),
+        }
     }
 }
 
@@ -1090,6 +1215,35 @@ mod tests {
         assert_eq!(
             keys(err),
             ["quotas.message[1]", "quotas.cancel[0]", "quotas.on_limit"]
+        );
+    }
+
+    #[test]
+    fn retry_and_circuit_defaults_and_their_checks() {
+        let c = parse("").unwrap();
+        assert_eq!(c.retry.attempts, 4);
+        assert_eq!(c.retry.backoff.ceiling(1), Duration::from_millis(200));
+        assert_eq!(c.retry.backoff.max(), Duration::from_secs(5));
+        assert_eq!(c.retry.deadline, Duration::from_secs(30));
+        assert_eq!((c.retry.budget, c.retry.budget_floor), (0.2, 10));
+        assert_eq!(c.retry.reconcile_settle, Duration::from_secs(2));
+        assert!(!c.retry.resend_unconfirmed);
+        assert_eq!(
+            (c.circuit.failures, c.circuit.open_for),
+            (5, Duration::from_secs(10))
+        );
+        let err = parse(
+            "[retry]\nattempts = 0\nbase_delay = \"2s\"\nmax_delay = \"1s\"\nbudget = -1.0\n[circuit]\nfailures = 0\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            keys(err),
+            [
+                "retry.attempts",
+                "retry.max_delay",
+                "retry.budget",
+                "circuit.failures"
+            ]
         );
     }
 

@@ -42,6 +42,10 @@ pub enum GatewayError {
     Quota(#[from] QuotaExceeded),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    #[error("Knoq is failing; the gateway is not sending requests for a while")]
+    CircuitOpen { retry_after_secs: u64 },
+    #[error("the request may or may not have been applied by Knoq; {checked}")]
+    OutcomeUnknown { timed_out: bool, checked: String },
 }
 
 /// Who caused the failure, as pingora's `ErrorSource`: decides log level.
@@ -125,6 +129,17 @@ impl GatewayError {
                 (StatusCode::BAD_REQUEST, "bad_request_body", Downstream)
             }
             GatewayError::Quota(_) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded", Downstream),
+            GatewayError::CircuitOpen { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream_unavailable",
+                Upstream,
+            ),
+            GatewayError::OutcomeUnknown {
+                timed_out: true, ..
+            } => (StatusCode::GATEWAY_TIMEOUT, "outcome_unknown", Upstream),
+            GatewayError::OutcomeUnknown {
+                timed_out: false, ..
+            } => (StatusCode::BAD_GATEWAY, "outcome_unknown", Upstream),
             GatewayError::Upstream(u) => match u {
                 UpstreamError::Connect(_) => {
                     (StatusCode::BAD_GATEWAY, "upstream_unreachable", Upstream)
@@ -177,7 +192,9 @@ impl GatewayError {
     }
 
     /// Builds the JSON response for this error.
-    pub fn into_response(self) -> Response<BoxBody> {
+    /// Builds the JSON response for this error. `attempts` (upstream
+    /// attempts made, 0 if none) is added to the body of upstream failures.
+    pub fn into_response(self, attempts: u32) -> Response<BoxBody> {
         let reply = self.reply();
         let mut rsp = Response::builder()
             .status(reply.status)
@@ -196,6 +213,9 @@ impl GatewayError {
             }
             GatewayError::CredentialMissing { .. } => rsp = rsp.header(RETRY_AFTER, "60"),
             GatewayError::Quota(q) => rsp = rsp.header(RETRY_AFTER, q.retry_after_secs),
+            GatewayError::CircuitOpen { retry_after_secs } => {
+                rsp = rsp.header(RETRY_AFTER, *retry_after_secs)
+            }
             _ => {}
         }
         let mut body = json!({ "error": reply.message, "code": reply.code });
@@ -204,6 +224,12 @@ impl GatewayError {
             body["limit"] = q.limit().into();
             body["scope"] = q.standing.scope.label().into();
             body["retryAfter"] = q.retry_after_secs.into();
+        }
+        if let GatewayError::OutcomeUnknown { checked, .. } = &self {
+            body["checked"] = checked.as_str().into();
+        }
+        if reply.blame == Blame::Upstream && attempts > 0 {
+            body["attempts"] = attempts.into();
         }
         let mut rsp = rsp
             .body(body::json(&body))
@@ -270,6 +296,29 @@ mod tests {
             (PathError::DotSegment.into(), 400, "bad_path"),
             (GatewayError::ScimForbidden, 403, "forbidden"),
             (
+                GatewayError::CircuitOpen {
+                    retry_after_secs: 3,
+                },
+                503,
+                "upstream_unavailable",
+            ),
+            (
+                GatewayError::OutcomeUnknown {
+                    timed_out: true,
+                    checked: String::new(),
+                },
+                504,
+                "outcome_unknown",
+            ),
+            (
+                GatewayError::OutcomeUnknown {
+                    timed_out: false,
+                    checked: String::new(),
+                },
+                502,
+                "outcome_unknown",
+            ),
+            (
                 GatewayError::BodyTooLarge { limit: 1 },
                 413,
                 "body_too_large",
@@ -313,7 +362,7 @@ mod tests {
 
     #[test]
     fn unauthorized_carries_www_authenticate() {
-        let rsp = GatewayError::Auth(AuthError::Missing).into_response();
+        let rsp = GatewayError::Auth(AuthError::Missing).into_response(0);
         assert_eq!(rsp.headers()[WWW_AUTHENTICATE], "Bearer");
         assert_eq!(rsp.headers()[CONTENT_TYPE], "application/json");
     }

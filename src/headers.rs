@@ -55,6 +55,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// What the gateway authenticates to Knoq with on one request.
+#[derive(Clone, Copy)]
 pub enum UpstreamAuth<'a> {
     /// Managed-agents routes: the user's session cookie.
     Cookie(&'a HeaderValue),

@@ -51,11 +51,13 @@ pub mod config;
 pub mod credentials;
 pub mod demo;
 pub mod error;
+pub mod forward;
 pub mod headers;
 pub mod inspect;
 pub mod logging;
 pub mod pipeline;
 pub mod quota;
+pub mod reconcile;
 pub mod route;
 pub mod secrets;
 pub mod server;
@@ -169,9 +171,14 @@ pub fn prepare_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Prepa
         max_body: config.server.max_body,
         tokens: auth::TokenTable::new(&config.tokens),
         credentials: credentials.clone(),
-        upstream: Upstream::new(&config.upstream, client_tls),
+        forwarder: forward::Forwarder::new(
+            Upstream::new(&config.upstream, client_tls),
+            config.retry.clone(),
+            &config.circuit,
+            clock.clone(),
+        ),
         origin: config.upstream.origin.clone(),
-        quotas: quota::Quotas::new(policy, Arc::new(store), clock, &config.quotas),
+        quotas: quota::Quotas::new(policy, Arc::new(store), clock.clone(), &config.quotas),
     };
     Ok(Prepared {
         gateway: Arc::new(gateway),
@@ -214,8 +221,10 @@ pub async fn run(
         stopped(stop_rx.clone()),
     );
     let admin_task = server::serve(admin, prepared.admin.clone(), admin_opts, stopped(stop_rx));
+    let gateway = prepared.gateway.clone();
     let signal = async move {
         shutdown.await;
+        gateway.forwarder.begin_drain();
         let _ = stop_tx.send(true);
     };
     tokio::join!(proxy_task, admin_task, signal);

@@ -32,11 +32,11 @@ use crate::auth::{Principal, TokenTable};
 use crate::body::{self, BodyFault, BoxBody};
 use crate::credentials::Credentials;
 use crate::error::{Blame, GatewayError};
+use crate::forward::{Forwarder, Outbound, X_ATTEMPTS};
 use crate::headers::{self, UpstreamAuth, X_REQUEST_ID};
 use crate::inspect::HygieneRules;
 use crate::quota::Quotas;
 use crate::route::{self, Route};
-use crate::upstream::Upstream;
 
 /// Everything the request path needs, built once at start-up.
 pub struct Gateway {
@@ -44,7 +44,7 @@ pub struct Gateway {
     pub(crate) max_body: u64,
     pub(crate) tokens: TokenTable,
     pub(crate) credentials: Arc<Credentials>,
-    pub(crate) upstream: Upstream,
+    pub(crate) forwarder: Forwarder,
     pub(crate) origin: HeaderValue,
     pub(crate) quotas: Quotas,
 }
@@ -57,6 +57,8 @@ struct RequestCtx {
     route: Option<Route>,
     principal: Option<Principal>,
     upstream_status: Option<StatusCode>,
+    /// Upstream attempts made (0 when the gateway answered by itself).
+    attempts: u32,
 }
 
 /// Every cause below an error, joined: "a: b: c". Our errors and the
@@ -85,6 +87,7 @@ impl Gateway {
             route: None,
             principal: None,
             upstream_status: None,
+            attempts: 0,
         };
         let method = req.method().clone();
         let result = self.handle_inner(req, &mut ctx).await;
@@ -106,9 +109,13 @@ impl Gateway {
                         "request failed"
                     ),
                 }
-                err.into_response()
+                err.into_response(ctx.attempts)
             }
         };
+        if ctx.attempts > 0 {
+            rsp.headers_mut()
+                .insert(X_ATTEMPTS, HeaderValue::from(ctx.attempts));
+        }
         rsp.headers_mut()
             .insert(X_REQUEST_ID, ctx.request_id.clone());
         let (user, token) = match &ctx.principal {
@@ -123,6 +130,7 @@ impl Gateway {
             token,
             status = rsp.status().as_u16(),
             upstream_status = ctx.upstream_status.map(|s| s.as_u16()),
+            attempts = ctx.attempts,
             duration_ms = ctx.start.elapsed().as_secs_f64() * 1000.0,
             "request"
         );
@@ -172,27 +180,47 @@ impl Gateway {
             })?;
             UpstreamAuth::Cookie(&cookie)
         };
+        // The body is read whole (bounded by max_body) so that an attempt
+        // can be replayed; Knoq's bodies are small JSON.
+        let body = body::read_capped(body, self.max_body)
+            .await
+            .map_err(|fault| match fault {
+                BodyFault::TooLarge => GatewayError::BodyTooLarge {
+                    limit: self.max_body,
+                },
+                BodyFault::Failed => GatewayError::ClientBodyFailed,
+            })?;
+
         // Quota last before sending: a request refused for another reason
         // consumes nothing.
         let grant = self.quotas.admit(&principal, route).await?;
 
+        let cookie_ref = match &auth {
+            UpstreamAuth::Cookie(c) => Some(*c),
+            UpstreamAuth::Bearer(_) => None,
+        };
         headers::rewrite_request(&mut parts.headers, auth, &self.origin);
         parts.headers.insert(X_REQUEST_ID, ctx.request_id.clone());
-        parts.uri = self.upstream.uri_for(parts.uri.path_and_query());
+        parts.uri = self.forwarder.upstream.uri_for(parts.uri.path_and_query());
 
-        // The cap catches a body that outgrows its (absent) Content-Length
-        // while streaming; the watch says so if the upstream call fails.
-        let (body, watch) = body::capped(body, self.max_body);
-        let mut rsp = match self.upstream.send(Request::from_parts(parts, body)).await {
-            Ok(rsp) => rsp,
-            Err(e) => {
-                return Err(match watch.fault() {
-                    Some(BodyFault::TooLarge) => GatewayError::BodyTooLarge {
-                        limit: self.max_body,
-                    },
-                    Some(BodyFault::Failed) => GatewayError::ClientBodyFailed,
-                    None => e.into(),
-                })
+        let charge_retry = || self.quotas.charge_retry(&principal, route);
+        let outbound = Outbound {
+            parts,
+            body,
+            route,
+            arrived: ctx.start,
+            cookie: cookie_ref,
+            origin: &self.origin,
+            charge_retry: &charge_retry,
+        };
+        let mut rsp = match self.forwarder.send(outbound).await {
+            Ok((rsp, attempts)) => {
+                ctx.attempts = attempts;
+                rsp
+            }
+            Err(failed) => {
+                ctx.attempts = failed.attempts;
+                return Err(failed.error);
             }
         };
         ctx.upstream_status = Some(rsp.status());

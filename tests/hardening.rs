@@ -405,6 +405,8 @@ async fn upstream_failures_are_json_502_and_504() {
     // An upstream that never answers.
     let bed = BedBuilder {
         upstream_toml: "timeout = \"300ms\"\n".into(),
+        // One attempt: this test is about what a single failure looks like.
+        tail_toml: "[retry]\nattempts = 1\n".into(),
         ..TestBed::builder()
     }
     .start()

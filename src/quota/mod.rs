@@ -318,6 +318,22 @@ impl Quotas {
         entry[bucket as usize].clone()
     }
 
+    /// Charges quota for a retry of an admitted request, without waiting:
+    /// Knoq may count every attempt. `false` means stop retrying.
+    pub fn charge_retry(&self, who: &Principal, route: Route) -> bool {
+        let Some(bucket) = Bucket::for_route(route) else {
+            return true;
+        };
+        let demand = Demand {
+            user: &who.user,
+            token: &who.token,
+            bucket,
+            user_windows: self.policy.user_windows(&who.user, bucket),
+            token_windows: self.policy.token_windows(&who.token, bucket),
+        };
+        self.store.acquire(&demand, self.clock.now()).is_ok()
+    }
+
     /// Knoq answered 429 on `route`: stop sending that bucket for the user
     /// until Knoq's `Retry-After` (seconds; 60 when absent or unreadable).
     pub fn knoq_refused(&self, who: &Principal, route: Route, retry_after: Option<&str>) {

@@ -10,6 +10,8 @@
 //! returns Knoq's response untouched, or an [`UpstreamError`] that says what
 //! failed. It knows nothing of users, routes or HTTP status mapping.
 
+pub mod retry;
+
 use std::error::Error as StdError;
 use std::io;
 use std::time::Duration;

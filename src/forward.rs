@@ -1,0 +1,264 @@
+//! Forward stage: the upstream call with retries, the circuit breaker, the
+//! retry budget and reconciliation of ambiguous POSTs.
+//!
+//! Runs after the quota stage with a fully rewritten request whose body is
+//! buffered (bounded by `server.max_body`, so it can be replayed). Per
+//! attempt: ask the circuit for a pass, send, record the result, and let
+//! `retry::classify` decide. Before a retry: the deadline must leave room
+//! for the wait, the gateway must not be draining, the gateway-wide budget
+//! must allow it, and (after the backoff sleep, at the moment it is sent)
+//! the quota must admit it again, since Knoq may count every attempt. When
+//! any of these says no, the client gets Knoq's last answer untouched, or
+//! the last transport error.
+//!
+//! Contract: `Ok` is the response to give (Knoq's, or the answer a
+//! reconciliation found) with the number of attempts; `Err` carries the
+//! error and the attempts made. Dropping the future (client gone) cancels
+//! the attempt or the sleep in progress: nothing more is sent.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::body::{self, BoxBody};
+use crate::clock::Clock;
+use crate::config::RetryConfig;
+use crate::error::GatewayError;
+use crate::reconcile::{Finding, Reconciler};
+use crate::route::Route;
+use crate::upstream::retry::{self, jitter_sample, Budget, Circuit, Verdict};
+use crate::upstream::{Upstream, UpstreamError};
+
+pub const X_ATTEMPTS: HeaderName = HeaderName::from_static("x-knoq-gateway-attempts");
+pub const X_RECONCILED: HeaderName = HeaderName::from_static("x-knoq-gateway-reconciled");
+
+pub struct Forwarder {
+    pub(crate) upstream: Upstream,
+    retry: RetryConfig,
+    budget: Budget,
+    circuit: Circuit,
+    clock: Arc<dyn Clock>,
+    draining: AtomicBool,
+    /// Wakes retries sleeping in backoff when draining starts.
+    drain_started: Notify,
+}
+
+/// One request, ready to send.
+pub struct Outbound<'a> {
+    pub parts: http::request::Parts,
+    pub body: Bytes,
+    pub route: Route,
+    /// When the request arrived: the retry deadline counts from here.
+    pub arrived: Instant,
+    /// The user's cookie, for reconciliation reads (`None` for SCIM).
+    pub cookie: Option<&'a HeaderValue>,
+    pub origin: &'a HeaderValue,
+    /// Charges quota for a retry; `false` stops retrying.
+    pub charge_retry: &'a (dyn Fn() -> bool + Send + Sync),
+}
+
+/// A failure after `attempts` attempts.
+pub struct Failed {
+    pub error: GatewayError,
+    pub attempts: u32,
+}
+
+impl Forwarder {
+    pub fn new(
+        upstream: Upstream,
+        retry: RetryConfig,
+        circuit: &crate::config::CircuitConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Forwarder {
+            upstream,
+            budget: Budget::new(retry.budget, retry.budget_floor),
+            circuit: Circuit::new(circuit.failures, circuit.open_for),
+            retry,
+            clock,
+            draining: AtomicBool::new(false),
+            drain_started: Notify::new(),
+        }
+    }
+
+    /// From now on no new retry starts (graceful shutdown); attempts in
+    /// flight finish.
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.drain_started.notify_waiters();
+    }
+
+    pub fn circuit_open(&self) -> bool {
+        self.circuit.is_open()
+    }
+
+    pub async fn send(&self, out: Outbound<'_>) -> Result<(Response<BoxBody>, u32), Failed> {
+        let method = out.parts.method.clone();
+        let mut attempt: u32 = 0;
+        let mut wait_hint = None;
+        let mut resent_unconfirmed = false;
+        let mut last: Option<Result<Response<BoxBody>, UpstreamError>> = None;
+        loop {
+            attempt += 1;
+            if attempt > 1 && !self.may_retry(&out, attempt, wait_hint).await {
+                attempt -= 1;
+                break;
+            }
+            if attempt == 1 {
+                self.budget.first_attempt();
+            }
+            let pass = match self.circuit.pass() {
+                Ok(p) => p,
+                Err(remaining) if attempt == 1 => {
+                    return Err(Failed {
+                        error: GatewayError::CircuitOpen {
+                            retry_after_secs: remaining.as_millis().div_ceil(1000).max(1) as u64,
+                        },
+                        attempts: 0,
+                    })
+                }
+                Err(_) => {
+                    attempt -= 1;
+                    break;
+                }
+            };
+            let sent_at = self.clock.now();
+            let req = Request::from_parts(
+                out.parts.clone(),
+                Full::new(out.body.clone())
+                    .map_err(|n| match n {})
+                    .boxed_unsync(),
+            );
+            let outcome = self.upstream.send(req).await;
+            let (facts, failed) = match &outcome {
+                Ok(rsp) => {
+                    let s = rsp.status();
+                    let after = retry::parse_retry_after(rsp.headers().get(RETRY_AFTER));
+                    (
+                        Ok((s, after)),
+                        matches!(s, StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE),
+                    )
+                }
+                Err(e) => (Err(e), true),
+            };
+            let verdict = retry::classify(facts, &method, out.route);
+            pass.record(!failed);
+            match verdict {
+                Verdict::Done => {
+                    return outcome
+                        .map(|r| (r, attempt))
+                        .map_err(|e| failed_with(e, attempt))
+                }
+                Verdict::Fail => {
+                    let e = outcome.expect_err("Fail is only for transport errors");
+                    return Err(failed_with(e, attempt));
+                }
+                Verdict::Retry { reason, after } => {
+                    tracing::debug!(attempt, reason, "upstream attempt failed; may retry");
+                    wait_hint = after;
+                    last = Some(outcome);
+                    if attempt >= self.retry.attempts {
+                        break;
+                    }
+                }
+                Verdict::Reconcile => {
+                    let err = outcome.expect_err("Reconcile is only for transport errors");
+                    match self.reconcile(&out, sent_at).await {
+                        Ok(found) => return Ok((found, attempt)),
+                        Err(_) if self.retry.resend_unconfirmed && !resent_unconfirmed => {
+                            // The operator chose a possible duplicate over
+                            // an unknown outcome: resend once.
+                            resent_unconfirmed = true;
+                            wait_hint = None;
+                            last = Some(Err(err));
+                            continue;
+                        }
+                        Err(checked) => {
+                            let timed_out = matches!(err, UpstreamError::Timeout(_));
+                            return Err(Failed {
+                                error: GatewayError::OutcomeUnknown { timed_out, checked },
+                                attempts: attempt,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        match last {
+            Some(Ok(rsp)) => Ok((rsp, attempt)),
+            Some(Err(e)) => Err(failed_with(e, attempt)),
+            None => unreachable!("the first attempt always runs"),
+        }
+    }
+
+    /// Checks and waits for retry `attempt`; `false` means stop here.
+    async fn may_retry(
+        &self,
+        out: &Outbound<'_>,
+        attempt: u32,
+        hint: Option<std::time::Duration>,
+    ) -> bool {
+        let wait = hint.unwrap_or_else(|| self.retry.backoff.delay(attempt - 1, jitter_sample()));
+        if Instant::now() + wait > out.arrived + self.retry.deadline {
+            return false;
+        }
+        let drained = self.drain_started.notified();
+        tokio::pin!(drained);
+        drained.as_mut().enable();
+        if self.draining.load(Ordering::Acquire) || !self.budget.try_retry() {
+            return false;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = drained => return false,
+        }
+        (out.charge_retry)()
+    }
+
+    /// Asks Knoq whether an ambiguous POST took effect. `Ok` is the answer
+    /// to give; `Err` says what was checked.
+    async fn reconcile(
+        &self,
+        out: &Outbound<'_>,
+        sent_at: u64,
+    ) -> Result<Response<BoxBody>, String> {
+        let Some(cookie) = out.cookie else {
+            return Err("nothing: this request has no session cookie to read with".into());
+        };
+        let reconciler = Reconciler {
+            upstream: &self.upstream,
+            cookie,
+            origin: out.origin,
+            settle: self.retry.reconcile_settle,
+        };
+        match reconciler.run(out.route, &out.body, sent_at).await {
+            Finding::Found(answer) => {
+                tracing::info!(
+                    route = out.route.label(),
+                    "ambiguous request reconciled: Knoq had applied it"
+                );
+                Ok(Response::builder()
+                    .status(StatusCode::OK)
+                    .header(CONTENT_TYPE, "application/json")
+                    .header(X_RECONCILED, "true")
+                    .body(body::json(&answer))
+                    .expect("static status and headers make a valid response"))
+            }
+            Finding::Missing { checked } => Err(format!("checked {checked}: not found")),
+            Finding::Unreadable { checked } => Err(format!("could not check {checked}")),
+        }
+    }
+}
+
+fn failed_with(error: UpstreamError, attempts: u32) -> Failed {
+    Failed {
+        error: error.into(),
+        attempts,
+    }
+}
