@@ -121,6 +121,43 @@ pub fn parse_rfc3339_ms(text: &str) -> Option<Millis> {
     Millis::try_from(ms).ok()
 }
 
+/// Parses an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`, RFC 9110 §5.6.7),
+/// the form cookies' `Expires` uses, into milliseconds since the epoch.
+/// Dates before 1970 come back as 0.
+pub fn parse_http_date_ms(text: &str) -> Option<Millis> {
+    let f: Vec<&str> = text.split_whitespace().collect();
+    let [_, day, month, year, time, "GMT"] = f.as_slice() else {
+        return None;
+    };
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let m = MONTHS.iter().position(|x| x.eq_ignore_ascii_case(month))? as u32 + 1;
+    let d: u32 = day.parse().ok()?;
+    let y: i64 = year.parse().ok()?;
+    let mut hms = time.split(':').map(|p| p.parse::<i64>().ok());
+    let (h, mi, s) = (hms.next()??, hms.next()??, hms.next()??);
+    if !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 60 {
+        return None;
+    }
+    let secs = ((days_from_civil(y, m, d) * 24 + h) * 60 + mi) * 60 + s;
+    Some(Millis::try_from(secs.max(0) * 1000).unwrap_or(0))
+}
+
+/// Formats unix milliseconds as RFC 3339 UTC to the second.
+pub fn format_rfc3339(ms: Millis) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let (y, m, d) = crate::quota::window::civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant).
 pub(crate) fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
@@ -134,6 +171,24 @@ pub(crate) fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_formatting_round_trips() {
+        let t = 1_795_942_561_000;
+        assert_eq!(format_rfc3339(t), "2026-11-29T08:56:01Z");
+        assert_eq!(parse_rfc3339_ms(&format_rfc3339(t)), Some(t));
+    }
+
+    #[test]
+    fn http_dates_as_cookies_write_them() {
+        assert_eq!(parse_http_date_ms("Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
+        assert_eq!(
+            parse_http_date_ms("Sun, 29 Nov 2026 08:56:01 GMT"),
+            Some(1_795_942_561_000)
+        );
+        assert_eq!(parse_http_date_ms("Sun, 29 Nov 2026 08:56:01 CET"), None);
+        assert_eq!(parse_http_date_ms("yesterday"), None);
+    }
 
     #[test]
     fn rfc3339_in_the_forms_knoq_may_use() {
