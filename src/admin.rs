@@ -5,7 +5,8 @@
 //! | method | path       | answer |
 //! |--------|------------|--------|
 //! | GET    | `/healthz` | 200 `{"status":"ok"}` while the process runs |
-//! | GET    | `/readyz`  | 200 when the config is loaded and every user's cookie is present, else 503 naming the users |
+//! | GET    | `/readyz`  | 200 when the config is loaded and every user's cookie is present and not expired, else 503 naming the users |
+//! | GET    | `/credentials` | each user's credential state, last success, last rotation, source (never the cookie) |
 //!
 //! Anything else: 404, or 405 for a known path with another method. All
 //! bodies are JSON and name no secret.
@@ -18,7 +19,7 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use crate::body::{self, BoxBody};
-use crate::credentials::Credentials;
+use crate::credentials::{CredentialState, Credentials};
 use crate::error::GatewayError;
 use crate::inspect::HygieneRules;
 use crate::server::Handler;
@@ -36,21 +37,37 @@ impl Admin {
     }
 
     fn readyz(&self) -> Response<BoxBody> {
-        let missing: Vec<String> = self
-            .credentials
-            .status()
-            .into_iter()
-            .filter(|s| !s.present)
-            .map(|s| s.user)
-            .collect();
-        if missing.is_empty() {
+        let status = self.credentials.status();
+        let named = |state: CredentialState| -> Vec<&str> {
+            status
+                .iter()
+                .filter(|s| s.state == state)
+                .map(|s| s.user.as_str())
+                .collect()
+        };
+        let (expired, missing) = (
+            named(CredentialState::Expired),
+            named(CredentialState::Missing),
+        );
+        if expired.is_empty() && missing.is_empty() {
             json_rsp(StatusCode::OK, json!({ "status": "ready" }))
         } else {
             json_rsp(
                 StatusCode::SERVICE_UNAVAILABLE,
-                json!({ "status": "not_ready", "credentials_missing": missing }),
+                json!({
+                    "status": "not_ready",
+                    "credentials_expired": expired,
+                    "credentials_missing": missing,
+                }),
             )
         }
+    }
+
+    fn credentials(&self) -> Response<BoxBody> {
+        json_rsp(
+            StatusCode::OK,
+            json!({ "users": self.credentials.status() }),
+        )
     }
 }
 
@@ -65,7 +82,8 @@ impl Handler for Admin {
                 json_rsp(StatusCode::OK, json!({ "status": "ok" }))
             }
             (&Method::GET | &Method::HEAD, "/readyz") => self.readyz(),
-            (_, "/healthz" | "/readyz") => method_not_allowed(),
+            (&Method::GET | &Method::HEAD, "/credentials") => self.credentials(),
+            (_, "/healthz" | "/readyz" | "/credentials") => method_not_allowed(),
             _ => not_found(),
         }
     }
@@ -82,7 +100,7 @@ fn json_rsp(status: StatusCode, value: serde_json::Value) -> Response<BoxBody> {
 fn not_found() -> Response<BoxBody> {
     json_rsp(
         StatusCode::NOT_FOUND,
-        json!({ "error": "no such admin endpoint; try /healthz or /readyz", "code": "not_found" }),
+        json!({ "error": "no such admin endpoint; try /healthz, /readyz or /credentials", "code": "not_found" }),
     )
 }
 

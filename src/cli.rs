@@ -36,6 +36,11 @@ enum Command {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+    /// Knoq session cookies: replace one, or see how each is doing.
+    Credentials {
+        #[command(subcommand)]
+        command: CredentialsCommand,
+    },
     /// Bearer tokens for internal tools.
     Token {
         #[command(subcommand)]
@@ -54,6 +59,26 @@ enum Command {
     Demo {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+    },
+}
+
+#[derive(Subcommand)]
+enum CredentialsCommand {
+    /// Store a new cookie for USER (read from stdin, or --file); a running
+    /// gateway uses it within a second. The cookie is never echoed.
+    Set {
+        user: String,
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Read the cookie from this file (mode 0600) instead of stdin.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// A table of every user's credential: state, last success, last
+    /// rotation, source. Never shows a cookie.
+    Status {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
     },
 }
 
@@ -78,6 +103,12 @@ pub fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Check { config } => check(&config),
+        Command::Credentials {
+            command: CredentialsCommand::Set { user, config, file },
+        } => report(credentials_set(&config, &user, file.as_deref())),
+        Command::Credentials {
+            command: CredentialsCommand::Status { config },
+        } => report(credentials_status(&config)),
         Command::Serve { config } => serve(&config),
         Command::MockKnoq {
             listen,
@@ -160,6 +191,106 @@ fn serve(path: &Path) -> ExitCode {
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })
+}
+
+fn credentials_set(config: &Path, user: &str, file: Option<&Path>) -> Result<(), String> {
+    let config = Config::load(config).map_err(|e| e.to_string())?;
+    let cookie = match file {
+        Some(path) => crate::secrets::read_secret_line(path)?,
+        None => read_cookie_from_stdin()?,
+    };
+    crate::credentials::store_operator_cookie(&config, user, &cookie)?;
+    eprintln!(
+        "stored a new cookie for '{user}' ({} bytes); a running gateway uses it within a second",
+        cookie.trim().len()
+    );
+    Ok(())
+}
+
+/// Reads one line from stdin; at a terminal, without echo.
+fn read_cookie_from_stdin() -> Result<String, String> {
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() {
+        return rpassword::prompt_password(
+            "Paste the Cookie header value (not shown), then Enter: ",
+        )
+        .map_err(|e| format!("cannot read from the terminal: {e}"));
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| format!("cannot read stdin: {e}"))?;
+    Ok(line)
+}
+
+fn credentials_status(path: &Path) -> Result<(), String> {
+    let config = Config::load(path).map_err(|e| e.to_string())?;
+    let (rows, live) = match fetch_live_status(config.admin.listen) {
+        Some(rows) => (rows, true),
+        None => (crate::credentials::status_from_files(&config), false),
+    };
+    println!(
+        "{:<20} {:<10} {:<24} {:<24} SOURCE",
+        "USER", "STATE", "LAST SUCCESS", "LAST ROTATION"
+    );
+    for r in rows {
+        let state = serde_json::to_value(r.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let source = serde_json::to_value(r.source)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        println!(
+            "{:<20} {:<10} {:<24} {:<24} {}",
+            r.user,
+            state,
+            r.last_success.map_or("-".into(), format_ms),
+            r.last_rotation.map_or("-".into(), format_ms),
+            source
+        );
+    }
+    if !live {
+        println!("(the gateway's admin port did not answer: state read from the files; 'unchecked' means not known)");
+    }
+    Ok(())
+}
+
+/// Asks a running gateway's admin port for `/credentials`.
+fn fetch_live_status(admin: SocketAddr) -> Option<Vec<crate::credentials::UserStatus>> {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(2);
+    let mut s = std::net::TcpStream::connect_timeout(&admin, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    write!(
+        s,
+        "GET /credentials HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        admin.ip()
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let body = text.split_once("\r\n\r\n")?.1;
+    let json: serde_json::Value = serde_json::from_str(body).ok()?;
+    json["users"]
+        .as_array()?
+        .iter()
+        .map(|u| {
+            Some(crate::credentials::UserStatus {
+                user: u["user"].as_str()?.to_string(),
+                state: serde_json::from_value(u["state"].clone()).ok()?,
+                last_success: u["last_success"].as_u64(),
+                last_rotation: u["last_rotation"].as_u64(),
+                source: serde_json::from_value(u["source"].clone()).ok()?,
+            })
+        })
+        .collect()
+}
+
+/// Unix milliseconds as `2026-11-29T08:56:01Z`.
+fn format_ms(ms: u64) -> String {
+    crate::clock::format_rfc3339(ms)
 }
 
 fn runtime() -> tokio::runtime::Runtime {

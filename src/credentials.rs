@@ -1,30 +1,112 @@
-//! The credential store: each user's Knoq session cookie and Knoq's SCIM
-//! token, loaded from the files or environment variables the config names.
+//! The credential store: each user's Knoq session cookie, its lifecycle
+//! (rotation by Knoq's `Set-Cookie`, expiry on Knoq's 401, replacement by an
+//! operator), and Knoq's SCIM token.
+//!
+//! Where a cookie comes from, in order of precedence:
+//! 1. the state copy, `<state.dir>/credentials/<user>.json`, written when
+//!    Knoq rotates the cookie or an operator runs `credentials set`, as long
+//!    as it was made from the current source value;
+//! 2. the source the config names (`cookie_file` or `cookie_env`).
+//!
+//! Each state copy records the SHA-256 of the source value it superseded, so
+//! when the operator puts a new cookie in `cookie_file`, the new one wins.
 //!
 //! Readers take a cheap clone of a `HeaderValue` (reference-counted bytes)
-//! under a short read lock that is never held across an `.await`; a writer
-//! (cookie rotation, `credentials set`) validates a new value before it
-//! publishes it, so a reader only ever sees a complete, valid cookie. Every
-//! value is marked sensitive, and no type here prints a secret in `Debug`.
+//! under a short read lock, never held across an `.await`. A writer
+//! validates the new value, persists it atomically and durably
+//! (`state::write_atomic`), and only then publishes it, so the next request
+//! for that user carries it and a crash at any moment leaves the old or the
+//! new cookie on disk, never a torn one. Every value is marked sensitive,
+//! and nothing here prints a secret, in `Debug` or in a message.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, RwLock};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
 
 use http::HeaderValue;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
+use crate::clock::Millis;
 use crate::config::{Config, CookieSource, Problem};
-use crate::secrets::read_secret_line;
+use crate::cookies;
+use crate::secrets::{read_secret_file, read_secret_line};
 
-/// One user's cookie and where it came from.
+const STATE_SUBDIR: &str = "credentials";
+
+/// What the operator and `/readyz` see of a credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CredentialState {
+    /// Knoq accepted it on the last request.
+    Valid,
+    /// Knoq answered 401 with it: a human must provide a new one.
+    Expired,
+    /// The gateway has no cookie for this user.
+    Missing,
+    /// Not used since the gateway started.
+    Unchecked,
+}
+
+/// Where the cookie in use came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    File,
+    Env,
+    State,
+}
+
+/// A user's credential as the status views see it (no secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UserStatus {
+    pub user: String,
+    pub state: CredentialState,
+    /// Unix milliseconds of the last request Knoq accepted.
+    pub last_success: Option<Millis>,
+    /// Unix milliseconds of the last rotation or `credentials set`.
+    pub last_rotation: Option<Millis>,
+    pub source: Origin,
+}
+
+/// The state copy of one user's cookie, as stored on disk.
+#[derive(Serialize, Deserialize)]
+struct StateFile {
+    cookie: String,
+    /// SHA-256 (hex) of the source value this copy supersedes.
+    source_sha256: String,
+    rotated_at: Option<Millis>,
+    #[serde(default)]
+    expired: bool,
+}
+
+#[derive(Debug, Default)]
+struct Status {
+    expired: bool,
+    last_success: Option<Millis>,
+    last_rotation: Option<Millis>,
+    from_state: bool,
+    /// Modification time of the state file we last read or wrote.
+    state_mtime: Option<SystemTime>,
+    source_sha256: String,
+}
+
+/// One user's cookie, where it came from, and how it is doing.
 pub struct UserCredential {
+    name: String,
     cookie: RwLock<Option<HeaderValue>>,
     source: CookieSource,
+    status: Mutex<Status>,
+    /// Serialises writers (rotation, reload) for this user.
+    writer: tokio::sync::Mutex<()>,
 }
 
 impl fmt::Debug for UserCredential {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("UserCredential")
+            .field("user", &self.name)
             .field("source", &self.source)
             .field("present", &self.cookie().is_some())
             .finish()
@@ -38,12 +120,21 @@ impl UserCredential {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone()
     }
+
+    fn status(&self) -> std::sync::MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish(&self, cookie: HeaderValue) {
+        *self.cookie.write().unwrap_or_else(|p| p.into_inner()) = Some(cookie);
+    }
 }
 
 /// Every user's cookie, and the SCIM bearer header when configured.
 pub struct Credentials {
     users: HashMap<Arc<str>, UserCredential>,
     scim_bearer: Option<HeaderValue>,
+    state_dir: PathBuf,
 }
 
 impl fmt::Debug for Credentials {
@@ -53,13 +144,6 @@ impl fmt::Debug for Credentials {
             .field("scim", &self.scim_bearer.is_some())
             .finish()
     }
-}
-
-/// A user's credential as the readiness check sees it (no secret).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UserStatus {
-    pub user: String,
-    pub present: bool,
 }
 
 // === impl Credentials ===
@@ -75,31 +159,34 @@ impl Credentials {
         config: &Config,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Credentials, Vec<Problem>> {
+        let state_dir = config.state.dir.join(STATE_SUBDIR);
         let mut problems = Vec::new();
         let mut users = HashMap::new();
         for (i, user) in config.users.iter().enumerate() {
-            let (key, raw) = match &user.cookie {
-                CookieSource::File(path) => {
-                    (format!("users[{i}].cookie_file"), read_secret_line(path))
-                }
-                CookieSource::Env(var) => (
-                    format!("users[{i}].cookie_env"),
-                    env(var).ok_or_else(|| format!("environment variable {var} is not set")),
-                ),
+            let (key, raw) = source_value(i, &user.cookie, &env);
+            let source =
+                match raw.and_then(|text| parse_cookie(&text).map(|c| (sha256_hex(&text), c))) {
+                    Ok(v) => v,
+                    Err(message) => {
+                        problems.push(Problem::new(key, message));
+                        continue;
+                    }
+                };
+            let cred = UserCredential {
+                name: user.name.clone(),
+                cookie: RwLock::new(None),
+                source: user.cookie.clone(),
+                status: Mutex::new(Status::default()),
+                writer: tokio::sync::Mutex::new(()),
             };
-            let cookie = raw.and_then(|text| parse_cookie(&text));
-            match cookie {
-                Ok(value) => {
-                    users.insert(
-                        user.name.as_str().into(),
-                        UserCredential {
-                            cookie: RwLock::new(Some(value)),
-                            source: user.cookie.clone(),
-                        },
-                    );
+            match read_state(&state_dir, &user.name) {
+                Ok(state) => adopt(&cred, source, state),
+                Err(message) => {
+                    problems.push(Problem::new("state.dir", message));
+                    continue;
                 }
-                Err(message) => problems.push(Problem::new(key, message)),
             }
+            users.insert(user.name.as_str().into(), cred);
         }
         let scim_bearer = match &config.scim.token_file {
             None => None,
@@ -112,7 +199,11 @@ impl Credentials {
             },
         };
         if problems.is_empty() {
-            Ok(Credentials { users, scim_bearer })
+            Ok(Credentials {
+                users,
+                scim_bearer,
+                state_dir,
+            })
         } else {
             Err(problems)
         }
@@ -128,19 +219,367 @@ impl Credentials {
         self.scim_bearer.as_ref()
     }
 
+    pub fn is_expired(&self, user: &str) -> bool {
+        self.users.get(user).is_some_and(|c| c.status().expired)
+    }
+
+    /// Knoq accepted a request made with the user's cookie.
+    pub fn mark_success(&self, user: &str, now: Millis) {
+        if let Some(c) = self.users.get(user) {
+            c.status().last_success = Some(now);
+        }
+    }
+
+    /// Knoq answered 401 to a request that carried `sent`. Marks the user
+    /// expired if `sent` is still the current cookie and returns `true`;
+    /// returns `false` when the cookie has been replaced meanwhile (the
+    /// 401 is stale, and the caller may try again with the new one).
+    pub async fn mark_expired(&self, user: &str, sent: &HeaderValue) -> bool {
+        let Some(cred) = self.users.get(user) else {
+            return false;
+        };
+        let _w = cred.writer.lock().await;
+        if cred.cookie().as_ref() != Some(sent) {
+            return false;
+        }
+        let newly = {
+            let mut s = cred.status();
+            let newly = !s.expired;
+            s.expired = true;
+            newly
+        };
+        if newly {
+            tracing::warn!(
+                user,
+                "Knoq rejected the session cookie; requests for this user now fail fast until `knoq-gateway credentials set {user}` provides a new one"
+            );
+            // Remember it across restarts and for `credentials status`.
+            if let Err(e) = self.persist(cred, sent, None, true).await {
+                tracing::error!(user, error = %e, "cannot record the expired cookie in the state directory");
+            }
+        }
+        true
+    }
+
+    /// Applies Knoq's `Set-Cookie` lines for `user`: the merged cookie is
+    /// persisted, then published, before this returns.
+    pub async fn apply_set_cookies(&self, user: &str, lines: &[HeaderValue], now: Millis) {
+        let Some(cred) = self.users.get(user) else {
+            return;
+        };
+        let changes: Vec<cookies::SetCookie> = lines
+            .iter()
+            .filter_map(|l| l.to_str().ok())
+            .filter_map(|l| cookies::parse_set_cookie(l, now))
+            .collect();
+        if changes.is_empty() {
+            return;
+        }
+        let _w = cred.writer.lock().await;
+        let Some(current) = cred.cookie() else {
+            return;
+        };
+        let merged = cookies::merge(current.to_str().unwrap_or_default(), &changes);
+        if merged == current.to_str().unwrap_or_default() {
+            return;
+        }
+        let new = match parse_cookie(&merged) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(user, error = %e, "ignoring a Set-Cookie that would leave an unusable cookie");
+                return;
+            }
+        };
+        match self.persist(cred, &new, Some(now), false).await {
+            Ok(()) => {
+                cred.publish(new);
+                let mut s = cred.status();
+                s.last_rotation = Some(now);
+                s.expired = false;
+                s.from_state = true;
+                tracing::info!(user, "Knoq rotated the session cookie; stored and in use");
+            }
+            Err(e) => {
+                // Still use it: the old one may already be dead at Knoq.
+                cred.publish(new);
+                tracing::error!(user, error = %e, "Knoq rotated the session cookie but the gateway cannot store it; a restart would fall back to the old one");
+            }
+        }
+    }
+
+    /// Writes the user's state copy (atomically, durably) and remembers its
+    /// modification time so the poller does not re-read our own write.
+    async fn persist(
+        &self,
+        cred: &UserCredential,
+        cookie: &HeaderValue,
+        rotated_at: Option<Millis>,
+        expired: bool,
+    ) -> std::io::Result<()> {
+        let (source_sha256, rotated_at) = {
+            let s = cred.status();
+            (s.source_sha256.clone(), rotated_at.or(s.last_rotation))
+        };
+        let file = StateFile {
+            cookie: cookie.to_str().unwrap_or_default().to_string(),
+            source_sha256,
+            rotated_at,
+            expired,
+        };
+        let path = state_path(&self.state_dir, &cred.name);
+        let dir = self.state_dir.clone();
+        let text = serde_json::to_vec(&file).expect("a state file always serialises");
+        let mtime = tokio::task::spawn_blocking(move || -> std::io::Result<Option<SystemTime>> {
+            crate::state::ensure_dir(&dir)?;
+            crate::state::write_atomic(&path, &text)?;
+            Ok(std::fs::metadata(&path).and_then(|m| m.modified()).ok())
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        cred.status().state_mtime = mtime;
+        Ok(())
+    }
+
+    /// Picks up what changed on disk since the last look: a state copy
+    /// written by `credentials set`, or a new value in a `cookie_file`.
+    /// Called about once a second by the gateway.
+    pub async fn refresh(&self) {
+        for cred in self.users.values() {
+            let _w = cred.writer.lock().await;
+            // The operator's file changed: its new cookie wins.
+            if let CookieSource::File(path) = &cred.source {
+                if let Ok(text) = read_secret_line(path) {
+                    let digest = sha256_hex(&text);
+                    if digest != cred.status().source_sha256 {
+                        match parse_cookie(&text) {
+                            Ok(cookie) => {
+                                cred.publish(cookie);
+                                let mut s = cred.status();
+                                (s.source_sha256, s.expired, s.from_state) = (digest, false, false);
+                                tracing::info!(user = %cred.name, "cookie_file changed; using the new cookie");
+                            }
+                            Err(e) => {
+                                tracing::warn!(user = %cred.name, error = %e, "cookie_file changed but holds no usable cookie; keeping the current one")
+                            }
+                        }
+                    }
+                }
+            }
+            // A state copy written by someone else (`credentials set`).
+            let path = state_path(&self.state_dir, &cred.name);
+            let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+            if mtime.is_none() || mtime == cred.status().state_mtime {
+                continue;
+            }
+            match read_state(&self.state_dir, &cred.name) {
+                Ok(Some((state, _))) if state.source_sha256 == cred.status().source_sha256 => {
+                    match parse_cookie(&state.cookie) {
+                        Ok(cookie) => {
+                            let was_expired = cred.status().expired;
+                            cred.publish(cookie);
+                            let mut s = cred.status();
+                            s.expired = state.expired;
+                            s.last_rotation = state.rotated_at;
+                            s.from_state = true;
+                            s.state_mtime = mtime;
+                            if was_expired && !state.expired {
+                                tracing::info!(user = %cred.name, "a new cookie was set; requests for this user go to Knoq again");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(user = %cred.name, error = %e, "the stored cookie is unusable; keeping the current one")
+                        }
+                    }
+                }
+                Ok(_) => cred.status().state_mtime = mtime,
+                Err(e) => {
+                    tracing::warn!(user = %cred.name, error = %e, "cannot read the stored cookie")
+                }
+            }
+        }
+    }
+
     /// Every user's status, sorted by name.
     pub fn status(&self) -> Vec<UserStatus> {
         let mut all: Vec<UserStatus> = self
             .users
-            .iter()
-            .map(|(name, cred)| UserStatus {
-                user: name.to_string(),
-                present: cred.cookie().is_some(),
+            .values()
+            .map(|cred| {
+                let present = cred.cookie().is_some();
+                let s = cred.status();
+                UserStatus {
+                    user: cred.name.clone(),
+                    state: if s.expired {
+                        CredentialState::Expired
+                    } else if !present {
+                        CredentialState::Missing
+                    } else if s.last_success.is_some() {
+                        CredentialState::Valid
+                    } else {
+                        CredentialState::Unchecked
+                    },
+                    last_success: s.last_success,
+                    last_rotation: s.last_rotation,
+                    source: match (&cred.source, s.from_state) {
+                        (_, true) => Origin::State,
+                        (CookieSource::File(_), false) => Origin::File,
+                        (CookieSource::Env(_), false) => Origin::Env,
+                    },
+                }
             })
             .collect();
         all.sort_by(|a, b| a.user.cmp(&b.user));
         all
     }
+}
+
+/// Reads a user's source value; the key names the config entry.
+fn source_value(
+    i: usize,
+    source: &CookieSource,
+    env: &impl Fn(&str) -> Option<String>,
+) -> (String, Result<String, String>) {
+    match source {
+        CookieSource::File(path) => (format!("users[{i}].cookie_file"), read_secret_line(path)),
+        CookieSource::Env(var) => (
+            format!("users[{i}].cookie_env"),
+            env(var).ok_or_else(|| format!("environment variable {var} is not set")),
+        ),
+    }
+}
+
+/// Chooses between the source value and the state copy at start-up.
+fn adopt(
+    cred: &UserCredential,
+    (digest, source_cookie): (String, HeaderValue),
+    state: Option<(StateFile, Option<SystemTime>)>,
+) {
+    let mut s = cred.status();
+    s.source_sha256 = digest.clone();
+    match state {
+        Some((file, mtime)) if file.source_sha256 == digest => match parse_cookie(&file.cookie) {
+            Ok(cookie) => {
+                cred.publish(cookie);
+                s.expired = file.expired;
+                s.last_rotation = file.rotated_at;
+                s.from_state = true;
+                s.state_mtime = mtime;
+            }
+            Err(_) => cred.publish(source_cookie),
+        },
+        other => {
+            // No copy, or one made from an older source value: the source wins.
+            s.state_mtime = other.and_then(|(_, m)| m);
+            cred.publish(source_cookie);
+        }
+    }
+}
+
+fn state_path(dir: &Path, user: &str) -> PathBuf {
+    dir.join(format!("{user}.json"))
+}
+
+/// The user's state copy with its modification time, if there is one. A
+/// damaged copy is an error: the gateway never guesses which cookie to use.
+fn read_state(dir: &Path, user: &str) -> Result<Option<(StateFile, Option<SystemTime>)>, String> {
+    let path = state_path(dir, user);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let bytes = read_secret_file(&path)?;
+    let file: StateFile = serde_json::from_slice(&bytes).map_err(|_| {
+        format!(
+            "{} is damaged; delete it to fall back to the configured cookie, or run `knoq-gateway credentials set {user}`",
+            path.display()
+        )
+    })?;
+    let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+    Ok(Some((file, mtime)))
+}
+
+impl Credentials {
+    /// Test hook and `credentials set`: the state file path for a user.
+    pub fn state_file(config: &Config, user: &str) -> PathBuf {
+        state_path(&config.state.dir.join(STATE_SUBDIR), user)
+    }
+}
+
+/// Stores `cookie` as the user's state copy, superseding the current source
+/// value: what `knoq-gateway credentials set` does. A running gateway picks
+/// it up within a second.
+pub fn store_operator_cookie(config: &Config, user: &str, cookie: &str) -> Result<(), String> {
+    let i = config
+        .users
+        .iter()
+        .position(|u| u.name == user)
+        .ok_or_else(|| format!("no [[users]] entry is named \"{user}\""))?;
+    parse_cookie(cookie)?;
+    let (_, source) = source_value(i, &config.users[i].cookie, &|v| std::env::var(v).ok());
+    // A missing source still gets a digest, so the copy is used until one appears.
+    let digest = sha256_hex(&source.unwrap_or_default());
+    let file = StateFile {
+        cookie: cookie.trim().to_string(),
+        source_sha256: digest,
+        rotated_at: Some(crate::clock::Clock::now(&crate::clock::SystemClock::new())),
+        expired: false,
+    };
+    let dir = config.state.dir.join(STATE_SUBDIR);
+    crate::state::ensure_dir(&config.state.dir)
+        .and_then(|()| crate::state::ensure_dir(&dir))
+        .and_then(|()| {
+            crate::state::write_atomic(
+                &state_path(&dir, user),
+                &serde_json::to_vec(&file).expect("serialises"),
+            )
+        })
+        .map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+/// Reads the status of every user from the files alone, for
+/// `credentials status` when no gateway is running.
+pub fn status_from_files(config: &Config) -> Vec<UserStatus> {
+    let dir = config.state.dir.join(STATE_SUBDIR);
+    config
+        .users
+        .iter()
+        .enumerate()
+        .map(|(i, u)| {
+            let (_, source) = source_value(i, &u.cookie, &|v| std::env::var(v).ok());
+            let digest = source.as_ref().ok().map(|t| sha256_hex(t));
+            let state = read_state(&dir, &u.name).ok().flatten().map(|(f, _)| f);
+            let current_copy =
+                state.filter(|f| Some(&f.source_sha256) == digest.as_ref() || digest.is_none());
+            let (st, origin, rotation) = match (&current_copy, &source) {
+                (Some(f), _) if f.expired => {
+                    (CredentialState::Expired, Origin::State, f.rotated_at)
+                }
+                (Some(f), _) => (CredentialState::Unchecked, Origin::State, f.rotated_at),
+                (None, Ok(_)) => (CredentialState::Unchecked, source_origin(&u.cookie), None),
+                (None, Err(_)) => (CredentialState::Missing, source_origin(&u.cookie), None),
+            };
+            UserStatus {
+                user: u.name.clone(),
+                state: st,
+                last_success: None,
+                last_rotation: rotation,
+                source: origin,
+            }
+        })
+        .collect()
+}
+
+fn source_origin(source: &CookieSource) -> Origin {
+    match source {
+        CookieSource::File(_) => Origin::File,
+        CookieSource::Env(_) => Origin::Env,
+    }
+}
+
+fn sha256_hex(text: &str) -> String {
+    Sha256::digest(text.trim().as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Validates a Cookie header value as copied from a browser:
@@ -152,7 +591,7 @@ pub fn parse_cookie(text: &str) -> Result<HeaderValue, String> {
         return Err("the cookie holds non-ASCII characters; copy the value again".to_string());
     }
     let mut value = HeaderValue::from_str(text).map_err(|_| {
-        "the cookie holds characters a header cannot carry (control characters or non-ASCII); copy the value again".to_string()
+        "the cookie holds characters a header cannot carry (control characters); copy the value again".to_string()
     })?;
     for pair in text.split(';') {
         let pair = pair.trim();
@@ -180,7 +619,6 @@ fn scim_bearer(token: &str) -> Result<HeaderValue, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
 
     #[test]
     fn browser_cookie_strings_are_accepted_and_marked_sensitive() {
@@ -201,7 +639,7 @@ mod tests {
     fn env_cookies_load_and_missing_ones_are_problems() {
         let config = Config::from_toml_str(
             "[[users]]\nname = \"a\"\ncookie_env = \"A_COOKIE\"\n[[users]]\nname = \"b\"\ncookie_env = \"B_COOKIE\"\n",
-            Path::new("/"),
+            Path::new("/nonexistent-kgw"),
         )
         .unwrap();
         let problems = Credentials::load_with(&config, |v| {
@@ -215,5 +653,9 @@ mod tests {
         assert!(creds.cookie("nobody").is_none());
         let dbg = format!("{creds:?}");
         assert!(!dbg.contains("knoq_session"), "{dbg}");
+        assert!(creds
+            .status()
+            .iter()
+            .all(|s| s.state == CredentialState::Unchecked && s.source == Origin::Env));
     }
 }

@@ -34,6 +34,8 @@ pub enum GatewayError {
     ScimNotConfigured,
     #[error("no Knoq session cookie is loaded for user '{user}'")]
     CredentialMissing { user: String },
+    #[error("the Knoq session cookie for user '{user}' was rejected by Knoq; give the gateway a fresh one with `knoq-gateway credentials set {user}`")]
+    CredentialExpired { user: String },
     #[error("the request body is larger than {limit} bytes")]
     BodyTooLarge { limit: u64 },
     #[error("the request body ended abnormally while it was being sent to Knoq")]
@@ -117,6 +119,11 @@ impl GatewayError {
             GatewayError::ScimNotConfigured => {
                 (StatusCode::FORBIDDEN, "scim_not_configured", Internal)
             }
+            GatewayError::CredentialExpired { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream_credential_expired",
+                Internal,
+            ),
             GatewayError::CredentialMissing { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "upstream_credential_missing",
@@ -211,7 +218,9 @@ impl GatewayError {
             GatewayError::Hygiene(HygieneError::AmbiguousFraming) => {
                 rsp = rsp.header(CONNECTION, "close");
             }
-            GatewayError::CredentialMissing { .. } => rsp = rsp.header(RETRY_AFTER, "60"),
+            GatewayError::CredentialMissing { .. } | GatewayError::CredentialExpired { .. } => {
+                rsp = rsp.header(RETRY_AFTER, "60")
+            }
             GatewayError::Quota(q) => rsp = rsp.header(RETRY_AFTER, q.retry_after_secs),
             GatewayError::CircuitOpen { retry_after_secs } => {
                 rsp = rsp.header(RETRY_AFTER, *retry_after_secs)
@@ -289,6 +298,11 @@ mod tests {
                 HygieneError::UnsupportedExpectation.into(),
                 417,
                 "expectation_failed",
+            ),
+            (
+                GatewayError::CredentialExpired { user: "a".into() },
+                503,
+                "upstream_credential_expired",
             ),
             (AuthError::Missing.into(), 401, "unauthorized"),
             (AuthError::Unknown.into(), 401, "unauthorized"),

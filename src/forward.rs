@@ -98,7 +98,7 @@ impl Forwarder {
         self.circuit.is_open()
     }
 
-    pub async fn send(&self, out: Outbound<'_>) -> Result<(Response<BoxBody>, u32), Failed> {
+    pub async fn send(&self, out: &Outbound<'_>) -> Result<(Response<BoxBody>, u32), Failed> {
         let method = out.parts.method.clone();
         let mut attempt: u32 = 0;
         let mut wait_hint = None;
@@ -106,7 +106,7 @@ impl Forwarder {
         let mut last: Option<Result<Response<BoxBody>, UpstreamError>> = None;
         loop {
             attempt += 1;
-            if attempt > 1 && !self.may_retry(&out, attempt, wait_hint).await {
+            if attempt > 1 && !self.may_retry(out, attempt, wait_hint).await {
                 attempt -= 1;
                 break;
             }
@@ -169,7 +169,7 @@ impl Forwarder {
                 }
                 Verdict::Reconcile => {
                     let err = outcome.expect_err("Reconcile is only for transport errors");
-                    match self.reconcile(&out, sent_at).await {
+                    match self.reconcile(out, sent_at).await {
                         Ok(found) => return Ok((found, attempt)),
                         Err(_) if self.retry.resend_unconfirmed && !resent_unconfirmed => {
                             // The operator chose a possible duplicate over

@@ -48,6 +48,7 @@ pub mod body;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod cookies;
 pub mod credentials;
 pub mod demo;
 pub mod error;
@@ -82,6 +83,9 @@ use crate::inspect::HygieneRules;
 use crate::pipeline::Gateway;
 use crate::server::ServeOptions;
 use crate::upstream::Upstream;
+
+/// How often the credential store looks for cookies changed on disk.
+const CREDENTIAL_REFRESH: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// A gateway ready to serve: every file read, every check passed.
 pub struct Prepared {
@@ -179,6 +183,7 @@ pub fn prepare_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Prepa
         ),
         origin: config.upstream.origin.clone(),
         quotas: quota::Quotas::new(policy, Arc::new(store), clock.clone(), &config.quotas),
+        clock: clock.clone(),
     };
     Ok(Prepared {
         gateway: Arc::new(gateway),
@@ -214,6 +219,7 @@ pub async fn run(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    let stop_rx_refresh = stop_rx.clone();
     let proxy_task = server::serve(
         proxy,
         prepared.gateway.clone(),
@@ -222,12 +228,26 @@ pub async fn run(
     );
     let admin_task = server::serve(admin, prepared.admin.clone(), admin_opts, stopped(stop_rx));
     let gateway = prepared.gateway.clone();
+    let refresh = {
+        let credentials = prepared.gateway.credentials.clone();
+        let stop = stopped(stop_rx_refresh);
+        async move {
+            tokio::pin!(stop);
+            // Picks up `credentials set` and edited cookie files.
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(CREDENTIAL_REFRESH) => credentials.refresh().await,
+                    () = &mut stop => break,
+                }
+            }
+        }
+    };
     let signal = async move {
         shutdown.await;
         gateway.forwarder.begin_drain();
         let _ = stop_tx.send(true);
     };
-    tokio::join!(proxy_task, admin_task, signal);
+    tokio::join!(proxy_task, admin_task, signal, refresh);
 }
 
 impl server::Handler for Gateway {

@@ -12,6 +12,9 @@
 //!        rewrite  -> headers.rs   (strip client identity, inject cookie + Origin)
 //!        upstream -> upstream/    (one exchange, deadline-bounded)
 //!        response -> headers.rs   (strip Set-Cookie, hop-by-hop, CORS, Alt-Svc)
+//!        lifecycle -> credentials.rs (store rotated cookies; a 401 marks the
+//!                                    cookie expired, or, if it was rotated
+//!                                    meanwhile, the request goes once more)
 //! ```
 //!
 //! Each stage returns a typed error that `?` lifts into `GatewayError`;
@@ -30,6 +33,7 @@ use tokio::time::Instant;
 
 use crate::auth::{Principal, TokenTable};
 use crate::body::{self, BodyFault, BoxBody};
+use crate::clock::Clock;
 use crate::credentials::Credentials;
 use crate::error::{Blame, GatewayError};
 use crate::forward::{Forwarder, Outbound, X_ATTEMPTS};
@@ -47,6 +51,7 @@ pub struct Gateway {
     pub(crate) forwarder: Forwarder,
     pub(crate) origin: HeaderValue,
     pub(crate) quotas: Quotas,
+    pub(crate) clock: Arc<dyn Clock>,
 }
 
 /// Facts the stages learn about one request, read once at the end for the
@@ -137,6 +142,25 @@ impl Gateway {
         rsp
     }
 
+    /// One pass through the forward stage, noting what it did in `ctx`.
+    async fn forward(
+        &self,
+        outbound: &Outbound<'_>,
+        ctx: &mut RequestCtx,
+    ) -> Result<Response<BoxBody>, GatewayError> {
+        match self.forwarder.send(outbound).await {
+            Ok((rsp, attempts)) => {
+                ctx.attempts += attempts;
+                ctx.upstream_status = Some(rsp.status());
+                Ok(rsp)
+            }
+            Err(failed) => {
+                ctx.attempts += failed.attempts;
+                Err(failed.error)
+            }
+        }
+    }
+
     async fn handle_inner(
         &self,
         req: Request<Incoming>,
@@ -173,11 +197,15 @@ impl Gateway {
                     .ok_or(GatewayError::ScimNotConfigured)?,
             )
         } else {
-            cookie = self.credentials.cookie(&principal.user).ok_or_else(|| {
-                GatewayError::CredentialMissing {
-                    user: principal.user.to_string(),
-                }
-            })?;
+            let user = || principal.user.to_string();
+            if self.credentials.is_expired(&principal.user) {
+                // Fail fast: Knoq would only answer 401 again.
+                return Err(GatewayError::CredentialExpired { user: user() });
+            }
+            cookie = self
+                .credentials
+                .cookie(&principal.user)
+                .ok_or_else(|| GatewayError::CredentialMissing { user: user() })?;
             UpstreamAuth::Cookie(&cookie)
         };
         // The body is read whole (bounded by max_body) so that an attempt
@@ -204,7 +232,7 @@ impl Gateway {
         parts.uri = self.forwarder.upstream.uri_for(parts.uri.path_and_query());
 
         let charge_retry = || self.quotas.charge_retry(&principal, route);
-        let outbound = Outbound {
+        let mut outbound = Outbound {
             parts,
             body,
             route,
@@ -213,21 +241,51 @@ impl Gateway {
             origin: &self.origin,
             charge_retry: &charge_retry,
         };
-        let mut rsp = match self.forwarder.send(outbound).await {
-            Ok((rsp, attempts)) => {
-                ctx.attempts = attempts;
-                rsp
-            }
-            Err(failed) => {
-                ctx.attempts = failed.attempts;
-                return Err(failed.error);
-            }
-        };
-        ctx.upstream_status = Some(rsp.status());
+        let mut rsp = self.forward(&outbound, ctx).await?;
+        let mut set_cookies = headers::filter_response(rsp.headers_mut());
 
-        // Set-Cookie never reaches a client; applying it to the stored
-        // cookie is the credential-lifecycle stage's job.
-        let _set_cookies = headers::filter_response(rsp.headers_mut());
+        if let Some(sent) = cookie_ref {
+            let now = self.clock.now();
+            if !set_cookies.is_empty() {
+                // Stored and published before the client gets its answer.
+                self.credentials
+                    .apply_set_cookies(&principal.user, &set_cookies, now)
+                    .await;
+            }
+            if rsp.status() == StatusCode::UNAUTHORIZED
+                && self.credentials.mark_expired(&principal.user, sent).await
+            {
+                // Knoq's 401 is about the account's cookie, not the tool's
+                // token: say so, in the answer every later request gets.
+                return Err(GatewayError::CredentialExpired {
+                    user: principal.user.to_string(),
+                });
+            }
+            if rsp.status() == StatusCode::UNAUTHORIZED {
+                // The cookie was rotated while this request was in flight:
+                // Knoq checks the cookie before acting, so nothing happened;
+                // send it once more with the current cookie.
+                if let Some(current) = self.credentials.cookie(&principal.user) {
+                    outbound.parts.headers.insert(http::header::COOKIE, current);
+                    rsp = self.forward(&outbound, ctx).await?;
+                    set_cookies = headers::filter_response(rsp.headers_mut());
+                    self.credentials
+                        .apply_set_cookies(&principal.user, &set_cookies, now)
+                        .await;
+                    let resent = &outbound.parts.headers[http::header::COOKIE];
+                    if rsp.status() == StatusCode::UNAUTHORIZED
+                        && self.credentials.mark_expired(&principal.user, resent).await
+                    {
+                        return Err(GatewayError::CredentialExpired {
+                            user: principal.user.to_string(),
+                        });
+                    }
+                }
+            }
+            if rsp.status() != StatusCode::UNAUTHORIZED {
+                self.credentials.mark_success(&principal.user, now);
+            }
+        }
         if rsp.status() == StatusCode::TOO_MANY_REQUESTS {
             let retry_after = rsp.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok());
             self.quotas.knoq_refused(&principal, route, retry_after);
