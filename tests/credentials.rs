@@ -1,0 +1,305 @@
+//! The credential lifecycle through the simulated Knoq: rotation, removal,
+//! expiry and recovery, operator replacement, and crash safety of the
+//! stored cookie.
+
+mod support;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::*;
+
+const SESSIONS: &str = "/api/managed-agents/sessions";
+const BIN: &str = env!("CARGO_BIN_EXE_knoq-gateway");
+
+fn list(bed: &TestBed, token: &str) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    req("GET", &bed.url(SESSIONS), Some(bed.token(token)), None)
+}
+
+fn last_cookie(bed: &TestBed) -> String {
+    let seen = bed.control.requests();
+    seen.last().unwrap().headers["cookie"]
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+fn state_file(bed: &TestBed, user: &str) -> std::path::PathBuf {
+    bed.dir
+        .0
+        .join("state")
+        .join("credentials")
+        .join(format!("{user}.json"))
+}
+
+#[tokio::test]
+async fn a_rotated_cookie_is_stored_used_and_kept_across_a_restart() {
+    let mut bed = TestBed::start().await;
+    let c = client();
+    bed.control.rotate_cookie("alice", "alice-rotated-0002");
+    let r = send(&c, list(&bed, "alice-svc")).await;
+    assert_eq!(r.status, 200);
+    assert!(!r.headers.contains_key("set-cookie"));
+    // The next request carries the new value; other pairs are kept.
+    let r = send(&c, list(&bed, "alice-batch")).await;
+    assert_eq!(
+        r.status, 200,
+        "the old cookie is dead at Knoq: the new one was used"
+    );
+    assert_eq!(
+        last_cookie(&bed),
+        "knoq_session=alice-rotated-0002; theme=dark"
+    );
+    let stored = std::fs::read_to_string(state_file(&bed, "alice")).unwrap();
+    assert!(stored.contains("alice-rotated-0002"));
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(state_file(&bed, "alice"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+
+    // A restart starts from the stored copy, not the stale cookie_file.
+    bed.restart_gateway().await;
+    let r = send(&c, list(&bed, "alice-svc")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        last_cookie(&bed),
+        "knoq_session=alice-rotated-0002; theme=dark"
+    );
+
+    // Max-Age=0 removes a pair.
+    bed.control
+        .set_cookie_header("alice", "theme=; Max-Age=0; Path=/");
+    send(&c, list(&bed, "alice-svc")).await;
+    send(&c, list(&bed, "alice-svc")).await;
+    assert_eq!(last_cookie(&bed), "knoq_session=alice-rotated-0002");
+    bed.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_expired_cookie_fails_fast_until_credentials_set_provides_a_new_one() {
+    let bed = TestBed::start().await;
+    let c = client();
+    bed.control.expire_cookie("alice");
+    let first = send(&c, list(&bed, "alice-svc")).await;
+    assert_eq!(first.status, 503, "{:?}", first.body);
+    let j = first.json();
+    assert_eq!(j["code"], "upstream_credential_expired");
+    assert_eq!(
+        j["error"],
+        "the Knoq session cookie for user 'alice' was rejected by Knoq; give the gateway a fresh one with `knoq-gateway credentials set alice`"
+    );
+    assert_eq!(first.headers["retry-after"], "60");
+    let seen = bed.control.requests().len();
+    for token in ["alice-svc", "alice-batch"] {
+        let r = send(&c, list(&bed, token)).await;
+        assert_eq!(r.status, 503);
+    }
+    assert_eq!(
+        bed.control.requests().len(),
+        seen,
+        "failed fast: Knoq was not called"
+    );
+    // Other users are unaffected.
+    assert_eq!(send(&c, list(&bed, "bob-svc")).await.status, 200);
+    let ready = send(
+        &c,
+        req("GET", &format!("http://{}/readyz", bed.admin), None, None),
+    )
+    .await;
+    assert_eq!(ready.status, 503);
+    assert_eq!(
+        ready.json()["credentials_expired"],
+        serde_json::json!(["alice"])
+    );
+    // Off the runtime: the in-process gateway must keep answering.
+    let path = config_path(&bed);
+    let status = tokio::task::spawn_blocking(move || {
+        Command::new(BIN)
+            .args(["credentials", "status", "--config"])
+            .arg(path)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let table = String::from_utf8(status.stdout).unwrap();
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("alice") && l.contains("expired")),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("bob") && l.contains("valid")),
+        "{table}"
+    );
+    assert!(
+        !table.contains("cookie-0001"),
+        "no secret in the status table"
+    );
+
+    // The operator pastes a fresh cookie; the running gateway takes it.
+    bed.control.set_cookie("alice", "alice-fresh-0003");
+    let mut child = Command::new(BIN)
+        .args(["credentials", "set", "alice", "--config"])
+        .arg(config_path(&bed))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"knoq_session=alice-fresh-0003\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !said.contains("alice-fresh-0003"),
+        "the cookie is never echoed: {said}"
+    );
+    eventually(
+        "the gateway uses the new cookie",
+        Duration::from_secs(5),
+        || {
+            let c = c.clone();
+            let r = list(&bed, "alice-svc");
+            async move { send(&c, r).await.status == 200 }
+        },
+    )
+    .await;
+    assert_eq!(last_cookie(&bed), "knoq_session=alice-fresh-0003");
+    let ready = send(
+        &c,
+        req("GET", &format!("http://{}/readyz", bed.admin), None, None),
+    )
+    .await;
+    assert_eq!(ready.status, 200);
+    bed.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_edited_cookie_file_wins_over_the_stored_copy() {
+    let bed = TestBed::start().await;
+    let c = client();
+    bed.control.rotate_cookie("bob", "bob-rotated-0002");
+    send(&c, list(&bed, "bob-svc")).await;
+    assert!(state_file(&bed, "bob").exists());
+    // The operator writes a brand new cookie into bob.cookie.
+    bed.control.set_cookie("bob", "bob-from-file-0003");
+    bed.dir
+        .write_secret("bob.cookie", "knoq_session=bob-from-file-0003\n");
+    eventually(
+        "the new cookie_file is used",
+        Duration::from_secs(5),
+        || {
+            let c = c.clone();
+            let r = list(&bed, "bob-svc");
+            async move { send(&c, r).await.status == 200 }
+        },
+    )
+    .await;
+    assert_eq!(last_cookie(&bed), "knoq_session=bob-from-file-0003");
+    let admin = send(
+        &c,
+        req(
+            "GET",
+            &format!("http://{}/credentials", bed.admin),
+            None,
+            None,
+        ),
+    )
+    .await;
+    let users = admin.json()["users"].clone();
+    assert_eq!(users[1]["user"], "bob");
+    assert_eq!(users[1]["source"], "file");
+    assert!(
+        !admin.body.windows(4).any(|w| w == b"0003"),
+        "no cookie in /credentials"
+    );
+    bed.shutdown().await;
+}
+
+/// Kill the gateway at arbitrary moments while Knoq rotates the cookie on
+/// every answer: the stored copy is always one whole cookie, old or new.
+#[tokio::test]
+async fn kill_9_during_rotations_never_leaves_a_torn_cookie() {
+    let bed = TestBed::start().await;
+    let proxy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (paddr, aaddr) = (proxy.local_addr().unwrap(), admin.local_addr().unwrap());
+    drop((proxy, admin));
+    let text = bed
+        .config_text
+        .replace(&bed.addr.to_string(), &paddr.to_string())
+        .replace(&bed.admin.to_string(), &aaddr.to_string())
+        .replace("dir = \"state\"", "dir = \"state-kill\"");
+    let config = bed.dir.0.join("kill.toml");
+    std::fs::write(&config, text).unwrap();
+    let state = bed
+        .dir
+        .0
+        .join("state-kill")
+        .join("credentials")
+        .join("alice.json");
+    let c = client();
+    let mut generation = 0u32;
+    for round in 0..6u64 {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        eventually("the gateway process is up", Duration::from_secs(10), || {
+            let c = c.clone();
+            let url = format!("http://{aaddr}/healthz");
+            async move { c.request(req("GET", &url, None, None)).await.is_ok() }
+        })
+        .await;
+        let token = bed.token("alice-svc").to_string();
+        let url = format!("http://{paddr}{SESSIONS}");
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(60 + round * 37);
+        while tokio::time::Instant::now() < deadline {
+            generation += 1;
+            bed.control
+                .rotate_cookie("alice", &format!("alice-gen-{generation:05}"));
+            let _ = c.request(req("GET", &url, Some(&token), None)).await;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let stored = std::fs::read(&state).expect("a stored cookie exists");
+        let json: serde_json::Value =
+            serde_json::from_slice(&stored).expect("the stored copy is whole JSON");
+        let cookie = json["cookie"].as_str().unwrap();
+        assert!(
+            cookie.starts_with("knoq_session=alice-gen-") && cookie.ends_with("; theme=dark"),
+            "{cookie}"
+        );
+        // Make the sim accept what was stored, as Knoq would for the newest
+        // cookie it issued that the gateway kept.
+        let value = cookie
+            .trim_start_matches("knoq_session=")
+            .trim_end_matches("; theme=dark");
+        bed.control.set_cookie("alice", value);
+    }
+    assert!(generation > 6);
+    bed.shutdown().await;
+}
