@@ -147,6 +147,8 @@ pub struct Journal {
     current: RwLock<Segment>,
     sealed: Mutex<Vec<(PathBuf, Millis)>>,
     next_seq: AtomicU64,
+    /// The last segment number folded into the base file at start-up.
+    through: u64,
     retention: Retention,
     segment_bytes: u64,
     failed: AtomicBool,
@@ -165,10 +167,20 @@ impl Journal {
         let horizon = retention.horizon(now);
         let mut records = Vec::new();
         let segments = segment_paths(dir)?;
-        for path in &segments {
+        // The base file names the last segment folded into it: a segment
+        // still on disk with that number or lower is a leftover of a crash
+        // between folding and deleting, already counted in the base.
+        let mut through = 0;
+        for (seq, path) in &segments {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| format!("{}: cannot read the quota journal: {e}", path.display()))?;
-            records.extend(parse_all(path, &text)?);
+            let (folded, parsed) = parse_all(path, &text)?;
+            match seq {
+                None => through = folded,
+                Some(n) if *n <= through => continue,
+                Some(n) => through = through.max(*n),
+            }
+            records.extend(parsed);
         }
         records.retain(|r| match r {
             Record::Admit { at, .. } => *at >= horizon,
@@ -179,14 +191,14 @@ impl Journal {
             Record::Admit { at, .. } => *at,
             Record::CoolDown { .. } => 0,
         });
-        let mut text = format!("{HEADER}\n");
+        let mut text = header(through);
         for r in &records {
             text.push_str(&r.line());
         }
         let base = dir.join(FILE_NAME);
         crate::state::write_atomic(&base, text.as_bytes())
             .map_err(|e| format!("{}: cannot rewrite the quota journal: {e}", base.display()))?;
-        for path in segments.iter().filter(|p| **p != base) {
+        for path in segments.iter().filter_map(|(seq, p)| seq.map(|_| p)) {
             std::fs::remove_file(path)
                 .map_err(|e| format!("{}: cannot remove a folded segment: {e}", path.display()))?;
         }
@@ -206,7 +218,8 @@ impl Journal {
                 dir: dir.to_path_buf(),
                 current: RwLock::new(current),
                 sealed: Mutex::new(Vec::new()),
-                next_seq: AtomicU64::new(1),
+                next_seq: AtomicU64::new(through + 1),
+                through,
                 retention,
                 segment_bytes,
                 failed: AtomicBool::new(false),
@@ -218,10 +231,10 @@ impl Journal {
     /// Checks every segment in `dir` without changing anything (`check`).
     pub fn inspect(dir: &Path) -> Result<usize, String> {
         let mut n = 0;
-        for path in segment_paths(dir)? {
+        for (_, path) in segment_paths(dir)? {
             let text = std::fs::read_to_string(&path)
                 .map_err(|e| format!("{}: cannot read the quota journal: {e}", path.display()))?;
-            n += parse_all(&path, &text)?.len();
+            n += parse_all(&path, &text)?.1.len();
         }
         Ok(n)
     }
@@ -233,20 +246,21 @@ impl Journal {
             token: token.to_string(),
             bucket,
         };
-        self.append(&record, at);
+        self.append(&record, at, at);
     }
 
-    pub fn cool_down(&self, until: Millis, user: &str, bucket: Bucket) {
+    pub fn cool_down(&self, now: Millis, until: Millis, user: &str, bucket: Bucket) {
         let record = Record::CoolDown {
             until,
             user: user.to_string(),
             bucket,
         };
-        self.append(&record, until);
+        self.append(&record, now, until);
     }
 
-    /// Appends one record; `matters_until` is how long it may be needed.
-    fn append(&self, record: &Record, matters_until: Millis) {
+    /// Appends one record at `now`; `matters_until` is how long it may be
+    /// needed.
+    fn append(&self, record: &Record, now: Millis, matters_until: Millis) {
         let line = record.line();
         let full = {
             let seg = self.current.read().unwrap_or_else(|p| p.into_inner());
@@ -260,7 +274,7 @@ impl Journal {
                 >= self.segment_bytes
         };
         if full {
-            self.rotate(matters_until);
+            self.rotate(now);
         }
     }
 
@@ -275,7 +289,7 @@ impl Journal {
         let path = self.dir.join(format!("{FILE_NAME}.{seq}"));
         let next = match Segment::create(path.clone()) {
             Ok(mut s) => {
-                if let Err(e) = (&s.file).write_all(format!("{HEADER}\n").as_bytes()) {
+                if let Err(e) = (&s.file).write_all(header(0).as_bytes()) {
                     self.report(&path, &e);
                     return;
                 }
@@ -299,7 +313,7 @@ impl Journal {
             // The base file is kept (it may hold the header only): truncate
             // by replacing it; numbered segments are simply removed.
             let done = if path.file_name().and_then(|n| n.to_str()) == Some(FILE_NAME) {
-                crate::state::write_atomic(path, format!("{HEADER}\n").as_bytes())
+                crate::state::write_atomic(path, header(self.through).as_bytes())
             } else {
                 std::fs::remove_file(path)
             };
@@ -315,8 +329,16 @@ impl Journal {
     }
 }
 
-/// The base journal and its numbered segments, in order.
-fn segment_paths(dir: &Path) -> Result<Vec<PathBuf>, String> {
+fn header(through: u64) -> String {
+    if through == 0 {
+        format!("{HEADER}\n")
+    } else {
+        format!("{HEADER} through={through}\n")
+    }
+}
+
+/// The base journal (sequence `None`) and its numbered segments, in order.
+fn segment_paths(dir: &Path) -> Result<Vec<(Option<u64>, PathBuf)>, String> {
     let base = dir.join(FILE_NAME);
     let mut numbered: Vec<(u64, PathBuf)> = match std::fs::read_dir(dir) {
         Ok(entries) => entries
@@ -337,23 +359,30 @@ fn segment_paths(dir: &Path) -> Result<Vec<PathBuf>, String> {
     numbered.sort();
     let mut out = Vec::new();
     if base.exists() {
-        out.push(base);
+        out.push((None, base));
     }
-    out.extend(numbered.into_iter().map(|(_, p)| p));
+    out.extend(numbered.into_iter().map(|(n, p)| (Some(n), p)));
     Ok(out)
 }
 
-fn parse_all(path: &Path, text: &str) -> Result<Vec<Record>, String> {
+/// Parses a journal file: the `through=` of its header (0 if none) and
+/// its records.
+fn parse_all(path: &Path, text: &str) -> Result<(u64, Vec<Record>), String> {
     let mut lines = text.split_inclusive('\n').enumerate();
-    match lines.next() {
-        Some((_, first)) if first.trim_end() == HEADER => {}
+    let through = match lines.next().map(|(_, first)| first.trim_end()) {
+        Some(first) if first == HEADER => 0,
+        Some(first) if first.starts_with(HEADER) => first[HEADER.len()..]
+            .trim()
+            .strip_prefix("through=")
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| format!("{} has a damaged first line", path.display()))?,
         _ => {
             return Err(format!(
                 "{} is not a knoq-gateway quota journal (bad first line); move it aside if it is not ours",
                 path.display()
             ))
         }
-    }
+    };
     let mut records = Vec::new();
     for (i, line) in lines {
         let record = line
@@ -369,7 +398,7 @@ fn parse_all(path: &Path, text: &str) -> Result<Vec<Record>, String> {
             })?;
         records.push(record);
     }
-    Ok(records)
+    Ok((through, records))
 }
 
 #[cfg(test)]
@@ -393,7 +422,11 @@ mod tests {
         for t in 0..30u64 {
             j.admit(t * 100, "alice", "svc", Bucket::Message);
         }
-        let files = segment_paths(&d).unwrap();
+        let files: Vec<_> = segment_paths(&d)
+            .unwrap()
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
         // Everything older than 2_900 - 1_000 is gone; what is left is small.
         assert!(files.len() <= 6, "{files:?}");
         drop(j);
@@ -417,7 +450,7 @@ mod tests {
         assert_eq!(times, (19..30).map(|t| t * 100).collect::<Vec<_>>());
         assert_eq!(
             segment_paths(&d).unwrap(),
-            [d.join(FILE_NAME)],
+            [(None, d.join(FILE_NAME))],
             "folded into one file"
         );
     }
@@ -440,8 +473,8 @@ mod tests {
         assert!(history.is_empty());
         j.admit(500, "alice", "svc", Bucket::Message);
         j.admit(900, "alice", "batch", Bucket::Session);
-        j.cool_down(5_000, "bob", Bucket::Message);
-        j.cool_down(800, "bob", Bucket::Read);
+        j.cool_down(500, 5_000, "bob", Bucket::Message);
+        j.cool_down(500, 800, "bob", Bucket::Read);
         drop(j);
         let (_, history) = Journal::open(
             &d,
@@ -471,6 +504,58 @@ mod tests {
         );
         let text = std::fs::read_to_string(d.join(FILE_NAME)).unwrap();
         assert_eq!(text.lines().count(), 3, "{text}");
+    }
+
+    #[test]
+    fn a_long_cool_down_does_not_make_rotation_forget_live_admissions() {
+        let d = dir("cooldown-rotate");
+        let r = Retention {
+            span: 3_600_000,
+            months: false,
+        };
+        let (j, _) = Journal::open(&d, 0, r, 60).unwrap();
+        for t in 0..10 {
+            j.admit(t, "alice", "svc", Bucket::Session);
+        }
+        // An hour-long cool-down 1 s later rotates the segment.
+        j.cool_down(1_000, 3_601_000, "alice", Bucket::Session);
+        j.admit(1_001, "alice", "svc", Bucket::Session);
+        drop(j);
+        let (_, history) = Journal::open(&d, 1_002, r, 60).unwrap();
+        let admits = history
+            .iter()
+            .filter(|r| matches!(r, Record::Admit { .. }))
+            .count();
+        assert_eq!(admits, 11, "every admission within the hour is still there");
+    }
+
+    #[test]
+    fn a_crash_between_folding_and_deleting_segments_does_not_double_count() {
+        let d = dir("fold-crash");
+        let r = Retention {
+            span: u64::MAX,
+            months: false,
+        };
+        let (j, _) = Journal::open(&d, 0, r, 40).unwrap();
+        for t in 0..6 {
+            j.admit(t, "alice", "svc", Bucket::Message);
+        }
+        drop(j);
+        // Simulate the crash: keep copies of the numbered segments, fold,
+        // then put the copies back as if the deletion never happened.
+        let numbered: Vec<(PathBuf, Vec<u8>)> = segment_paths(&d)
+            .unwrap()
+            .into_iter()
+            .filter_map(|(seq, p)| seq.map(|_| (p.clone(), std::fs::read(&p).unwrap())))
+            .collect();
+        assert!(!numbered.is_empty());
+        let (_, once) = Journal::open(&d, 10, r, 1 << 20).unwrap();
+        for (p, bytes) in &numbered {
+            std::fs::write(p, bytes).unwrap();
+        }
+        let (_, again) = Journal::open(&d, 10, r, 1 << 20).unwrap();
+        assert_eq!(once.len(), 6);
+        assert_eq!(again, once);
     }
 
     #[test]
