@@ -9,7 +9,7 @@
 //! users never contend). A refusal consumes nothing.
 //!
 //! With `on_limit = "wait"` a refused request waits (asynchronously) for its
-//! turn: requests of one user and bucket queue in arrival order on a fair
+//! turn: requests of one token and bucket queue in arrival order on a fair
 //! semaphore, the head of the queue sleeps until its retry time, and a
 //! client that goes away leaves the queue when its future is dropped.
 //!
@@ -154,11 +154,26 @@ impl QuotaExceeded {
         }
     }
 
+    /// Waited `max_wait` in line behind the tool's earlier requests.
+    fn queue_full(bucket: Bucket) -> Self {
+        QuotaExceeded {
+            standing: Standing {
+                bucket,
+                scope: Scope::Token,
+                window: None,
+                remaining: 0,
+                reset_ms: 1000,
+            },
+            retry_after_secs: 1,
+        }
+    }
+
     /// `"60/min"`, or `"set by Knoq"` for a cool-down.
     pub fn limit(&self) -> String {
-        match &self.standing.window {
-            Some(w) => w.to_string(),
-            None => "set by Knoq".to_string(),
+        match (&self.standing.window, self.standing.scope) {
+            (Some(w), _) => w.to_string(),
+            (None, Scope::Knoq) => "set by Knoq".to_string(),
+            (None, _) => "wait queue".to_string(),
         }
     }
 }
@@ -228,7 +243,7 @@ pub struct Quotas {
     clock: Arc<dyn Clock>,
     on_limit: OnLimit,
     max_wait: Duration,
-    /// With `on_limit = "wait"`: one fair queue per user and bucket.
+    /// With `on_limit = "wait"`: one fair queue per token and bucket.
     queues: DashMap<Box<str>, [Arc<Semaphore>; 4]>,
 }
 
@@ -287,11 +302,18 @@ impl Quotas {
     }
 
     async fn admit_waiting(&self, demand: &Demand<'_>) -> Result<Grant, QuotaExceeded> {
-        let queue = self.queue(demand.user, demand.bucket);
+        let queue = self.queue(demand.token, demand.bucket);
         let deadline = tokio::time::Instant::now() + self.max_wait;
         // Arrival order: the semaphore is fair, so whoever asked first holds
         // the head of the line; dropping this future leaves the line.
-        let permit = tokio::time::timeout_at(deadline, queue.acquire_owned()).await;
+        let Ok(_permit) = tokio::time::timeout_at(deadline, queue.acquire_owned()).await else {
+            // Never reached the head: refuse without jumping the line.
+            let now = self.clock.now();
+            return Err(match self.store.check(demand, now) {
+                Err(r) => QuotaExceeded::new(r, now),
+                Ok(()) => QuotaExceeded::queue_full(demand.bucket),
+            });
+        };
         loop {
             let now = self.clock.now();
             let refusal = match self.store.acquire(demand, now) {
@@ -299,21 +321,22 @@ impl Quotas {
                 Err(r) => r,
             };
             let wait = Duration::from_millis(refusal.until.saturating_sub(now));
-            let in_line = permit.is_ok();
-            if !in_line || tokio::time::Instant::now() + wait > deadline {
+            if tokio::time::Instant::now() + wait > deadline {
                 return Err(QuotaExceeded::new(refusal, now));
             }
             tokio::time::sleep(wait).await;
         }
     }
 
-    fn queue(&self, user: &str, bucket: Bucket) -> Arc<Semaphore> {
-        if let Some(q) = self.queues.get(user) {
+    /// One line per tool (token) and bucket: a tool waiting on its own
+    /// tighter share never holds up the account's other tools.
+    fn queue(&self, token: &str, bucket: Bucket) -> Arc<Semaphore> {
+        if let Some(q) = self.queues.get(token) {
             return q[bucket as usize].clone();
         }
         let entry = self
             .queues
-            .entry(user.into())
+            .entry(token.into())
             .or_insert_with(|| std::array::from_fn(|_| Arc::new(Semaphore::new(1))));
         entry[bucket as usize].clone()
     }
@@ -343,8 +366,9 @@ impl Quotas {
         let secs = retry_after
             .and_then(|v| v.trim().parse::<u64>().ok())
             .unwrap_or(60);
-        let until = self.clock.now() + secs * 1000;
-        self.store.cool_down(&who.user, bucket, until);
+        let now = self.clock.now();
+        self.store
+            .cool_down(&who.user, bucket, now, now + secs * 1000);
         tracing::warn!(
             user = %who.user,
             bucket = bucket.label(),
@@ -362,8 +386,10 @@ mod tests {
 
     fn setup(quotas: &str) -> (Arc<Quotas>, Principal) {
         let text = format!(
-            "[quotas]\n{quotas}\n[[users]]\nname = \"alice\"\ncookie_env = \"X\"\n[[tokens]]\nname = \"svc\"\nuser = \"alice\"\nsha256 = \"{}\"\n",
-            "ab".repeat(32)
+            "[quotas]\n{quotas}\n[[users]]\nname = \"alice\"\ncookie_env = \"X\"\n[[tokens]]\nname = \"svc\"\nuser = \"alice\"\nsha256 = \"{}\"\n\
+             [[tokens]]\nname = \"tight\"\nuser = \"alice\"\nsha256 = \"{}\"\nquotas = {{ message = [\"1/min\"] }}\n",
+            "ab".repeat(32),
+            "cd".repeat(32)
         );
         let config = Config::from_toml_str(&text, Path::new("/")).unwrap();
         let margin = config.quotas.margin.as_millis() as Millis;
@@ -412,6 +438,31 @@ mod tests {
             order.push(rx.recv().await.unwrap());
         }
         assert_eq!(order, [("first", 1000), ("second", 2000), ("third", 3000)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tool_waiting_on_its_own_share_does_not_hold_up_the_others() {
+        let (q, svc) = setup(
+            "message = [\"60/min\"]\nmargin = \"0s\"\non_limit = \"wait\"\nmax_wait = \"2min\"",
+        );
+        let tight = Principal {
+            token: "tight".into(),
+            ..svc.clone()
+        };
+        q.admit(&tight, Route::MessageSend).await.unwrap();
+        let waiting = {
+            let (q, tight) = (q.clone(), tight.clone());
+            tokio::spawn(async move { q.admit(&tight, Route::MessageSend).await })
+        };
+        settle().await;
+        let start = tokio::time::Instant::now();
+        q.admit(&svc, Route::MessageSend).await.unwrap();
+        assert!(
+            start.elapsed() < Duration::from_millis(1),
+            "svc was not queued behind tight"
+        );
+        assert!(!waiting.is_finished());
+        waiting.await.unwrap().unwrap();
     }
 
     #[tokio::test(start_paused = true)]

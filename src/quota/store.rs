@@ -36,8 +36,11 @@ pub trait QuotaStore: Send + Sync {
     /// nothing and says what refused it.
     fn acquire(&self, demand: &Demand<'_>, now: Millis) -> Result<Grant, Refusal>;
 
+    /// What `acquire` would refuse, without recording anything.
+    fn check(&self, demand: &Demand<'_>, now: Millis) -> Result<(), Refusal>;
+
     /// Refuses the user's bucket until `until` (a 429 from Knoq).
-    fn cool_down(&self, user: &str, bucket: Bucket, until: Millis);
+    fn cool_down(&self, user: &str, bucket: Bucket, now: Millis, until: Millis);
 
     /// Headroom of every window of the user's buckets at `now` (metrics).
     fn headroom(&self, user: &str, windows: &[(Bucket, &Window)], now: Millis) -> Vec<u32>;
@@ -69,6 +72,10 @@ struct UserState {
     tokens: HashMap<Box<str>, Ledgers>,
     /// Per bucket: no request before this time (Knoq's 429).
     cool_down: [Millis; 4],
+    /// The latest admission recorded. Clocks are read before the lock, so
+    /// two requests may arrive here out of order; a time earlier than this
+    /// is raised to it, keeping every log in time order.
+    latest: Millis,
 }
 
 /// In-process quota state with an optional journal for restarts.
@@ -113,7 +120,10 @@ impl LocalStore {
                         user_windows: policy.user_windows(&user, bucket),
                         token_windows: policy.token_windows(&token, bucket),
                     };
-                    store.with_user(&user, |state| record_all(state, &demand, at));
+                    store.with_user(&user, |state| {
+                        state.latest = state.latest.max(at);
+                        record_all(state, &demand, margin, at);
+                    });
                 }
                 Record::CoolDown {
                     until,
@@ -171,7 +181,7 @@ fn ledger<'s>(
     ledgers.entry(key).or_insert_with(|| Ledger::new(w))
 }
 
-fn record_all(state: &mut UserState, demand: &Demand<'_>, at: Millis) {
+fn record_all(state: &mut UserState, demand: &Demand<'_>, margin: Millis, at: Millis) {
     for (scope, w) in scopes(demand) {
         ledger(
             state,
@@ -180,52 +190,71 @@ fn record_all(state: &mut UserState, demand: &Demand<'_>, at: Millis) {
             WindowKey::new(demand.bucket, w),
             w,
         )
-        .record(w, at);
+        .record(w, margin, at);
     }
 }
 
+/// What refuses `demand` at `now`, if anything: a Knoq cool-down, or the
+/// window that stays blocked the longest.
+fn refusal(
+    state: &mut UserState,
+    demand: &Demand<'_>,
+    now: Millis,
+    margin: Millis,
+) -> Option<Refusal> {
+    let cooling = state.cool_down[demand.bucket as usize];
+    if cooling > now {
+        return Some(Refusal {
+            standing: Standing {
+                bucket: demand.bucket,
+                scope: Scope::Knoq,
+                window: None,
+                remaining: 0,
+                reset_ms: cooling - now,
+            },
+            until: cooling,
+        });
+    }
+    let mut refusal: Option<Refusal> = None;
+    for (scope, w) in scopes(demand) {
+        let key = WindowKey::new(demand.bucket, w);
+        if let Some(until) =
+            ledger(state, scope, demand.token, key, w).blocked_until(w, margin, now)
+        {
+            if refusal.as_ref().is_none_or(|r| until > r.until) {
+                refusal = Some(Refusal {
+                    standing: Standing {
+                        bucket: demand.bucket,
+                        scope,
+                        window: Some(w.clone()),
+                        remaining: 0,
+                        reset_ms: until - now,
+                    },
+                    until,
+                });
+            }
+        }
+    }
+    refusal
+}
+
 impl QuotaStore for LocalStore {
+    fn check(&self, demand: &Demand<'_>, now: Millis) -> Result<(), Refusal> {
+        self.with_user(demand.user, |state| {
+            let now = now.max(state.latest);
+            refusal(state, demand, now, self.margin).map_or(Ok(()), Err)
+        })
+    }
+
     fn acquire(&self, demand: &Demand<'_>, now: Millis) -> Result<Grant, Refusal> {
         let margin = self.margin;
         self.with_user(demand.user, |state| {
-            let cooling = state.cool_down[demand.bucket as usize];
-            if cooling > now {
-                return Err(Refusal {
-                    standing: Standing {
-                        bucket: demand.bucket,
-                        scope: Scope::Knoq,
-                        window: None,
-                        remaining: 0,
-                        reset_ms: cooling - now,
-                    },
-                    until: cooling,
-                });
-            }
-            // Check every window first; the latest "blocked until" decides.
-            let mut refusal: Option<Refusal> = None;
-            for (scope, w) in scopes(demand) {
-                let key = WindowKey::new(demand.bucket, w);
-                if let Some(until) =
-                    ledger(state, scope, demand.token, key, w).blocked_until(w, margin, now)
-                {
-                    if refusal.as_ref().is_none_or(|r| until > r.until) {
-                        refusal = Some(Refusal {
-                            standing: Standing {
-                                bucket: demand.bucket,
-                                scope,
-                                window: Some(w.clone()),
-                                remaining: 0,
-                                reset_ms: until - now,
-                            },
-                            until,
-                        });
-                    }
-                }
-            }
-            if let Some(r) = refusal {
+            let now = now.max(state.latest);
+            if let Some(r) = refusal(state, demand, now, margin) {
                 return Err(r);
             }
-            record_all(state, demand, now);
+            state.latest = now;
+            record_all(state, demand, margin, now);
             if let Some(journal) = &self.journal {
                 journal.admit(now, demand.user, demand.token, demand.bucket);
             }
@@ -254,12 +283,12 @@ impl QuotaStore for LocalStore {
         })
     }
 
-    fn cool_down(&self, user: &str, bucket: Bucket, until: Millis) {
+    fn cool_down(&self, user: &str, bucket: Bucket, now: Millis, until: Millis) {
         self.with_user(user, |state| {
             let slot = &mut state.cool_down[bucket as usize];
             *slot = (*slot).max(until);
             if let Some(journal) = &self.journal {
-                journal.cool_down(until, user, bucket);
+                journal.cool_down(now, until, user, bucket);
             }
         });
     }
@@ -328,7 +357,7 @@ mod tests {
             user_windows: &user,
             token_windows: &[],
         };
-        store.cool_down("alice", Bucket::Message, 5_000);
+        store.cool_down("alice", Bucket::Message, 0, 5_000);
         let r = store.acquire(&d, 1_000).unwrap_err();
         assert_eq!((r.standing.scope, r.until), (Scope::Knoq, 5_000));
         let read = Demand {
@@ -337,6 +366,62 @@ mod tests {
         };
         assert!(store.acquire(&read, 1_000).is_ok());
         assert!(store.acquire(&d, 5_000).is_ok());
+    }
+
+    #[test]
+    fn out_of_order_clock_reads_cannot_overfill_a_window() {
+        let store = LocalStore::in_memory(0);
+        let user = windows(&["2/sec"]);
+        let d = Demand {
+            user: "a",
+            token: "t",
+            bucket: Bucket::Message,
+            user_windows: &user,
+            token_windows: &[],
+        };
+        // Read 500, 499 (a slower thread), then 1499: three in (499, 1499]
+        // would pass a log that trusts the order; this one refuses the third.
+        assert!(store.acquire(&d, 500).is_ok());
+        assert!(store.acquire(&d, 499).is_ok());
+        assert!(store.acquire(&d, 1_499).is_err());
+        assert!(store.acquire(&d, 1_500).is_ok());
+    }
+
+    #[test]
+    fn cool_downs_and_admissions_survive_a_replay_through_the_journal() {
+        let dir = std::env::temp_dir().join(format!("kgw-store-replay-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = crate::config::Config::from_toml_str(
+            &format!(
+                "[quotas]\nmessage = [\"2/hour\"]\n[[users]]\nname = \"alice\"\ncookie_env = \"X\"\n[[tokens]]\nname = \"svc\"\nuser = \"alice\"\nsha256 = \"{}\"\n",
+                "ab".repeat(32)
+            ),
+            std::path::Path::new("/"),
+        )
+        .unwrap();
+        let policy = Policy::new(&config);
+        let open = |now| {
+            let (j, history) = Journal::open(&dir, now, policy.retention(0), 1 << 20).unwrap();
+            LocalStore::open(j, history, &policy, 0)
+        };
+        let d = |bucket| Demand {
+            user: "alice",
+            token: "svc",
+            bucket,
+            user_windows: policy.user_windows("alice", bucket),
+            token_windows: &[],
+        };
+        let store = open(1_000);
+        assert!(store.acquire(&d(Bucket::Message), 1_000).is_ok());
+        assert!(store.acquire(&d(Bucket::Message), 1_001).is_ok());
+        store.cool_down("alice", Bucket::Read, 1_002, 90_000);
+        drop(store);
+        let store = open(2_000);
+        let r = store.acquire(&d(Bucket::Message), 2_000).unwrap_err();
+        assert_eq!(r.until, 1_000 + 3_600_000);
+        let r = store.acquire(&d(Bucket::Read), 2_000).unwrap_err();
+        assert_eq!((r.standing.scope, r.until), (Scope::Knoq, 90_000));
     }
 
     #[test]

@@ -106,15 +106,20 @@ impl Window {
 pub enum Ledger {
     /// Admission times, oldest first; never more than the window's limit.
     Sliding(VecDeque<Millis>),
-    /// Admissions in calendar month `month` (months since January 1970).
-    Month { month: u32, count: u32 },
+    /// Admissions in calendar month `month` (months since January 1970),
+    /// and those of its last `margin` that Knoq may count in the next one.
+    Month { month: u32, count: u32, spill: u32 },
 }
 
 impl Ledger {
     pub fn new(window: &Window) -> Ledger {
         match window.period {
             Period::Sliding(_) => Ledger::Sliding(VecDeque::new()),
-            Period::Month => Ledger::Month { month: 0, count: 0 },
+            Period::Month => Ledger::Month {
+                month: 0,
+                count: 0,
+                spill: 0,
+            },
         }
     }
 
@@ -128,17 +133,23 @@ impl Ledger {
                 let live = live(hits, span, now);
                 (live >= limit).then(|| hits[hits.len() - limit] + span)
             }
-            (Ledger::Month { month, count }, Period::Month) => {
+            (Ledger::Month { .. }, Period::Month) => {
                 let current = month_index(now);
-                let used = if *month == current { *count } else { 0 };
-                (used >= w.limit).then(|| month_start(current + 1) + margin)
+                let next = month_start(current + 1);
+                if self.month_used(now) >= w.limit {
+                    return Some(next);
+                }
+                // In the last `margin` of a month Knoq may already count the
+                // request in the next one, so it must fit there too.
+                let (spilled, _) = self.month_counts(current + 1);
+                (now + margin >= next && spilled >= w.limit).then_some(next + margin)
             }
             _ => unreachable!("a ledger is always built for its own window"),
         }
     }
 
     /// Records an admission at `now`.
-    pub fn record(&mut self, w: &Window, now: Millis) {
+    pub fn record(&mut self, w: &Window, margin: Millis, now: Millis) {
         match self {
             Ledger::Sliding(hits) => {
                 hits.push_back(now);
@@ -146,13 +157,21 @@ impl Ledger {
                     hits.pop_front();
                 }
             }
-            Ledger::Month { month, count } => {
+            Ledger::Month {
+                month,
+                count,
+                spill,
+            } => {
                 let current = month_index(now);
                 if *month != current {
+                    *count = if current == *month + 1 { *spill } else { 0 };
+                    *spill = 0;
                     *month = current;
-                    *count = 0;
                 }
                 *count += 1;
+                if now + margin >= month_start(current + 1) {
+                    *spill += 1;
+                }
             }
         }
     }
@@ -163,13 +182,7 @@ impl Ledger {
             (Ledger::Sliding(hits), Period::Sliding(period)) => {
                 live(hits, period + margin, now) as u32
             }
-            (Ledger::Month { month, count }, Period::Month) => {
-                if *month == month_index(now) {
-                    *count
-                } else {
-                    0
-                }
-            }
+            (Ledger::Month { .. }, Period::Month) => self.month_used(now),
             _ => unreachable!("a ledger is always built for its own window"),
         };
         w.limit.saturating_sub(used)
@@ -193,6 +206,22 @@ impl Ledger {
             }
             _ => unreachable!("a ledger is always built for its own window"),
         }
+    }
+}
+
+impl Ledger {
+    /// (admissions counted in month `index`, whether known): the count of
+    /// the recorded month, the spill of the one before it, else zero.
+    fn month_counts(&self, index: u32) -> (u32, bool) {
+        match self {
+            Ledger::Month { month, count, .. } if *month == index => (*count, true),
+            Ledger::Month { month, spill, .. } if *month + 1 == index => (*spill, true),
+            _ => (0, false),
+        }
+    }
+
+    fn month_used(&self, now: Millis) -> u32 {
+        self.month_counts(month_index(now)).0
     }
 }
 
@@ -246,7 +275,7 @@ mod tests {
     /// Admits at `now` if the ledger allows, like the store does.
     fn try_admit(l: &mut Ledger, win: &Window, margin: Millis, now: Millis) -> bool {
         if l.blocked_until(win, margin, now).is_none() {
-            l.record(win, now);
+            l.record(win, margin, now);
             true
         } else {
             false
@@ -359,8 +388,8 @@ mod tests {
         let win = w("3/sec");
         let mut l = Ledger::new(&win);
         assert_eq!((l.remaining(&win, 0, 0), l.reset_in(&win, 0, 0)), (3, 0));
-        l.record(&win, 5_000);
-        l.record(&win, 5_400);
+        l.record(&win, 0, 5_000);
+        l.record(&win, 0, 5_400);
         assert_eq!(l.remaining(&win, 0, 5_500), 1);
         assert_eq!(l.reset_in(&win, 0, 5_500), 500);
         assert_eq!(l.remaining(&win, 0, 6_000), 2);
@@ -400,5 +429,21 @@ mod tests {
         assert!(!try_admit(&mut l, &win, 0, jan_end));
         assert!(try_admit(&mut l, &win, 0, feb), "a new month starts afresh");
         assert_eq!(l.remaining(&win, 0, feb), 1);
+    }
+
+    #[test]
+    fn the_last_margin_of_a_month_counts_towards_the_next_one_too() {
+        let feb = days_from_civil(2026, 2, 1) as Millis * DAY_MS;
+        let win = w("2/month");
+        let mut l = Ledger::new(&win);
+        // Sent 100 ms before midnight with a 250 ms margin: Knoq may count
+        // it in February, so February has one slot left, not two.
+        assert!(try_admit(&mut l, &win, 250, feb - 100));
+        assert!(try_admit(&mut l, &win, 250, feb + 10));
+        assert!(!try_admit(&mut l, &win, 250, feb + 20));
+        assert_eq!(
+            l.blocked_until(&win, 250, feb + 20),
+            Some(month_start(month_index(feb) + 1))
+        );
     }
 }
