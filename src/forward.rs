@@ -30,7 +30,7 @@ use crate::body::{self, BoxBody};
 use crate::clock::Clock;
 use crate::config::RetryConfig;
 use crate::error::GatewayError;
-use crate::reconcile::{Finding, Reconciler};
+use crate::reconcile::{Confirmed, Finding, Reconciler};
 use crate::route::Route;
 use crate::upstream::retry::{self, jitter_sample, Budget, Circuit, Verdict};
 use crate::upstream::{Upstream, UpstreamError};
@@ -45,6 +45,9 @@ pub struct Forwarder {
     circuit: Circuit,
     clock: Arc<dyn Clock>,
     draining: AtomicBool,
+    /// Sends Knoq confirmed recently, so reconciliation does not mistake
+    /// an earlier identical message for this one.
+    confirmed: Confirmed,
     /// Wakes retries sleeping in backoff when draining starts.
     drain_started: Notify,
 }
@@ -54,6 +57,8 @@ pub struct Outbound<'a> {
     pub parts: http::request::Parts,
     pub body: Bytes,
     pub route: Route,
+    /// The Knoq account the request acts as.
+    pub user: &'a str,
     /// When the request arrived: the retry deadline counts from here.
     pub arrived: Instant,
     /// The user's cookie, for reconciliation reads (`None` for SCIM).
@@ -83,6 +88,7 @@ impl Forwarder {
             retry,
             clock,
             draining: AtomicBool::new(false),
+            confirmed: Confirmed::default(),
             drain_started: Notify::new(),
         }
     }
@@ -98,20 +104,37 @@ impl Forwarder {
         self.circuit.is_open()
     }
 
+    /// Refuses at once while the circuit is open, so that a request that
+    /// will not be sent consumes no quota.
+    pub fn precheck(&self) -> Result<(), GatewayError> {
+        match self.circuit.refuses() {
+            Some(remaining) => Err(GatewayError::CircuitOpen {
+                retry_after_secs: remaining.as_millis().div_ceil(1000).max(1) as u64,
+            }),
+            None => Ok(()),
+        }
+    }
+
     pub async fn send(&self, out: &Outbound<'_>) -> Result<(Response<BoxBody>, u32), Failed> {
         let method = out.parts.method.clone();
         let mut attempt: u32 = 0;
         let mut wait_hint = None;
         let mut resent_unconfirmed = false;
+        // Set while resending an unconfirmed POST: what to answer if the
+        // resend cannot happen.
+        let mut unknown: Option<GatewayError> = None;
         let mut last: Option<Result<Response<BoxBody>, UpstreamError>> = None;
         loop {
             attempt += 1;
             if attempt > 1 && !self.may_retry(out, attempt, wait_hint).await {
                 attempt -= 1;
+                if let Some(error) = unknown {
+                    return Err(Failed {
+                        error,
+                        attempts: attempt,
+                    });
+                }
                 break;
-            }
-            if attempt == 1 {
-                self.budget.first_attempt();
             }
             let pass = match self.circuit.pass() {
                 Ok(p) => p,
@@ -125,9 +148,18 @@ impl Forwarder {
                 }
                 Err(_) => {
                     attempt -= 1;
+                    if let Some(error) = unknown {
+                        return Err(Failed {
+                            error,
+                            attempts: attempt,
+                        });
+                    }
                     break;
                 }
             };
+            if attempt == 1 {
+                self.budget.first_attempt();
+            }
             let sent_at = self.clock.now();
             let req = Request::from_parts(
                 out.parts.clone(),
@@ -151,9 +183,15 @@ impl Forwarder {
             pass.record(!failed);
             match verdict {
                 Verdict::Done => {
+                    if let Ok(rsp) = &outcome {
+                        if rsp.status().is_success() && retry::reconcilable(out.route) {
+                            self.confirmed
+                                .record(out.route, out.user, &out.body, sent_at);
+                        }
+                    }
                     return outcome
                         .map(|r| (r, attempt))
-                        .map_err(|e| failed_with(e, attempt))
+                        .map_err(|e| failed_with(e, attempt));
                 }
                 Verdict::Fail => {
                     let e = outcome.expect_err("Fail is only for transport errors");
@@ -169,24 +207,27 @@ impl Forwarder {
                 }
                 Verdict::Reconcile => {
                     let err = outcome.expect_err("Reconcile is only for transport errors");
-                    match self.reconcile(out, sent_at).await {
+                    let timed_out = matches!(err, UpstreamError::Timeout(_));
+                    let checked = match self.reconcile(out, sent_at).await {
                         Ok(found) => return Ok((found, attempt)),
-                        Err(_) if self.retry.resend_unconfirmed && !resent_unconfirmed => {
-                            // The operator chose a possible duplicate over
-                            // an unknown outcome: resend once.
-                            resent_unconfirmed = true;
-                            wait_hint = None;
-                            last = Some(Err(err));
-                            continue;
-                        }
-                        Err(checked) => {
-                            let timed_out = matches!(err, UpstreamError::Timeout(_));
-                            return Err(Failed {
-                                error: GatewayError::OutcomeUnknown { timed_out, checked },
-                                attempts: attempt,
-                            });
-                        }
+                        Err(checked) => checked,
+                    };
+                    let error = GatewayError::OutcomeUnknown { timed_out, checked };
+                    if self.retry.resend_unconfirmed
+                        && !resent_unconfirmed
+                        && attempt < self.retry.attempts
+                    {
+                        // The operator chose a possible duplicate over an
+                        // unknown outcome: resend once, if allowed.
+                        resent_unconfirmed = true;
+                        wait_hint = None;
+                        unknown = Some(error);
+                        continue;
                     }
+                    return Err(Failed {
+                        error,
+                        attempts: attempt,
+                    });
                 }
             }
         }
@@ -218,7 +259,8 @@ impl Forwarder {
             () = tokio::time::sleep(wait) => {}
             () = drained => return false,
         }
-        (out.charge_retry)()
+        // Charge quota only for an attempt that will really be sent.
+        self.circuit.refuses().is_none() && (out.charge_retry)()
     }
 
     /// Asks Knoq whether an ambiguous POST took effect. `Ok` is the answer
@@ -236,9 +278,21 @@ impl Forwarder {
             cookie,
             origin: out.origin,
             settle: self.retry.reconcile_settle,
+            user: out.user,
+            confirmed: &self.confirmed,
         };
-        match reconciler.run(out.route, &out.body, sent_at).await {
+        // Reconciliation reads are bounded by the request's retry deadline.
+        let deadline = out.arrived + self.retry.deadline;
+        let finding =
+            tokio::time::timeout_at(deadline, reconciler.run(out.route, &out.body, sent_at))
+                .await
+                .unwrap_or_else(|_| Finding::Unreadable {
+                    checked: "Knoq's record of it before the retry deadline".into(),
+                });
+        match finding {
             Finding::Found(answer) => {
+                self.confirmed
+                    .record(out.route, out.user, &out.body, sent_at);
                 tracing::info!(
                     route = out.route.label(),
                     "ambiguous request reconciled: Knoq had applied it"

@@ -220,7 +220,8 @@ impl Gateway {
             })?;
 
         // Quota last before sending: a request refused for another reason
-        // consumes nothing.
+        // (including an open circuit) consumes nothing.
+        self.forwarder.precheck()?;
         let grant = self.quotas.admit(&principal, route).await?;
 
         let cookie_ref = match &auth {
@@ -236,6 +237,7 @@ impl Gateway {
             parts,
             body,
             route,
+            user: &principal.user,
             arrived: ctx.start,
             cookie: cookie_ref,
             origin: &self.origin,
@@ -265,7 +267,12 @@ impl Gateway {
                 // The cookie was rotated while this request was in flight:
                 // Knoq checks the cookie before acting, so nothing happened;
                 // send it once more with the current cookie.
-                if let Some(current) = self.credentials.cookie(&principal.user) {
+                // It is one more send: it needs quota like a retry.
+                let current = self
+                    .credentials
+                    .cookie(&principal.user)
+                    .filter(|_| self.quotas.charge_retry(&principal, route));
+                if let Some(current) = current {
                     outbound.parts.headers.insert(http::header::COOKIE, current);
                     rsp = self.forward(&outbound, ctx).await?;
                     set_cookies = headers::filter_response(rsp.headers_mut());

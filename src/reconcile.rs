@@ -10,12 +10,19 @@
 //!   the first 60 characters of its opening message), then read its
 //!   transcript for the run id.
 //!
+//! An earlier identical message (or a session with the same opening text)
+//! must not pass for this one: the gateway remembers, for a few minutes,
+//! the sends Knoq confirmed, and a look finds the request only if Knoq
+//! shows *more* matches than the gateway already accounts for. A session is
+//! answered only when exactly one unaccounted match exists.
+//!
 //! Times are compared with a small allowance for clock skew between the
 //! gateway and Knoq. If the first look finds nothing, one more look follows
 //! after `retry.reconcile_settle` (Knoq may still be writing). Reads go to
 //! Knoq with the same cookie, outside the quota (they are the gateway's own
 //! bookkeeping, and Knoq publishes no read limit).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -50,7 +57,65 @@ pub struct Reconciler<'a> {
     pub cookie: &'a HeaderValue,
     pub origin: &'a HeaderValue,
     pub settle: Duration,
+    pub user: &'a str,
+    pub confirmed: &'a Confirmed,
 }
+
+/// How long confirmed sends are remembered.
+const CONFIRMED_FOR_MS: Millis = 10 * 60 * 1000;
+/// A bound on remembered keys, so memory stays small whatever the traffic.
+const CONFIRMED_MAX_KEYS: usize = 10_000;
+
+/// Sends of messages and sessions that Knoq confirmed recently, by what a
+/// reconciliation would look for.
+#[derive(Debug, Default)]
+pub struct Confirmed {
+    entries: std::sync::Mutex<HashMap<(String, String), Vec<Millis>>>,
+}
+
+impl Confirmed {
+    /// Notes that Knoq confirmed `request_body` on `route` sent at `at`.
+    pub fn record(&self, route: Route, user: &str, request_body: &Bytes, at: Millis) {
+        let Some(key) = key(route, user, request_body) else {
+            return;
+        };
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.len() >= CONFIRMED_MAX_KEYS {
+            entries.retain(|_, times| times.iter().any(|t| t + CONFIRMED_FOR_MS > at));
+        }
+        let times = entries.entry(key).or_default();
+        times.retain(|t| t + CONFIRMED_FOR_MS > at);
+        times.push(at);
+    }
+
+    fn count_since(&self, key: &(String, String), since: Millis) -> usize {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries
+            .get(key)
+            .map_or(0, |times| times.iter().filter(|t| **t >= since).count())
+    }
+}
+
+/// What a reconciliation of this request looks for: the session and text
+/// of a message, or the user and title of a session.
+fn key(route: Route, user: &str, request_body: &Bytes) -> Option<(String, String)> {
+    let sent: Value = serde_json::from_slice(request_body).ok()?;
+    let text = sent["text"].as_str()?;
+    match route {
+        Route::MessageSend => Some((
+            format!("m:{}", sent["sessionId"].as_str()?),
+            text.to_string(),
+        )),
+        Route::SessionCreate => Some((
+            format!("s:{user}"),
+            text.chars().take(TITLE_CHARS).collect(),
+        )),
+        _ => None,
+    }
+}
+
+/// Knoq titles a session with the first 60 characters of its opening text.
+const TITLE_CHARS: usize = 60;
 
 impl Reconciler<'_> {
     /// Looks, and looks once more after the settle time if nothing is found.
@@ -71,21 +136,27 @@ impl Reconciler<'_> {
         };
         let since = sent_at.saturating_sub(CLOCK_SKEW_MS);
         let text = sent["text"].as_str().unwrap_or_default();
+        // Our own confirmed sends that a look would also find.
+        let accounted = key(route, self.user, request_body).map_or(0, |k| {
+            self.confirmed
+                .count_since(&k, since.saturating_sub(CLOCK_SKEW_MS))
+        });
         match route {
             Route::MessageSend => {
                 let sid = sent["sessionId"].as_str().unwrap_or_default();
-                self.message(sid, text, since).await
+                self.message(sid, text, since, accounted).await
             }
-            Route::SessionCreate => self.session(text, since).await,
+            Route::SessionCreate => self.session(text, since, accounted).await,
             _ => Finding::Unreadable {
                 checked: "this route cannot be reconciled".into(),
             },
         }
     }
 
-    async fn message(&self, sid: &str, text: &str, since: Millis) -> Finding {
+    async fn message(&self, sid: &str, text: &str, since: Millis, accounted: usize) -> Finding {
         let checked = format!("the transcript of session {sid} for a user_message with the same text sent since the request");
         let mut cursor: Option<String> = None;
+        let mut matches = 0;
         for _ in 0..MAX_PAGES {
             let mut path = format!("/api/managed-agents/transcript?sessionId={}", encode(sid));
             if let Some(c) = &cursor {
@@ -100,15 +171,18 @@ impl Reconciler<'_> {
                 }
             };
             let events = page["events"].as_array().cloned().unwrap_or_default();
-            let hit = events.iter().any(|e| {
-                e["type"] == "user_message"
-                    && event_text(e) == Some(text)
-                    && e["occurredAt"]
-                        .as_str()
-                        .and_then(parse_rfc3339_ms)
-                        .is_some_and(|t| t >= since)
-            });
-            if hit {
+            matches += events
+                .iter()
+                .filter(|e| {
+                    e["type"] == "user_message"
+                        && event_text(e) == Some(text)
+                        && e["occurredAt"]
+                            .as_str()
+                            .and_then(parse_rfc3339_ms)
+                            .is_some_and(|t| t >= since)
+                })
+                .count();
+            if matches > accounted {
                 return Finding::Found(json!({ "ok": true }));
             }
             let last = events
@@ -125,7 +199,7 @@ impl Reconciler<'_> {
         Finding::Missing { checked }
     }
 
-    async fn session(&self, text: &str, since: Millis) -> Finding {
+    async fn session(&self, text: &str, since: Millis, accounted: usize) -> Finding {
         let checked = "the session list for a session created since the request whose title starts the same text".to_string();
         let list = match self.get_json("/api/managed-agents/sessions").await {
             Ok(v) => v,
@@ -147,8 +221,19 @@ impl Reconciler<'_> {
                     .and_then(|(t, id)| Some((t, id?)))
             })
             .collect();
+        // The newest ones are the unaccounted ones; exactly one may be ours.
         candidates.sort();
-        let Some((_, id)) = candidates.into_iter().next() else {
+        let unaccounted = candidates.len().saturating_sub(accounted);
+        if unaccounted > 1 {
+            return Finding::Unreadable {
+                checked: format!("{checked}: {unaccounted} sessions match, so which one is this request's cannot be told"),
+            };
+        }
+        let Some((_, id)) = candidates
+            .into_iter()
+            .next_back()
+            .filter(|_| unaccounted == 1)
+        else {
             return Finding::Missing { checked };
         };
         // The run id is the transcript's workflowRunId; without it, the id

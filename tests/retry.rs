@@ -482,3 +482,115 @@ async fn graceful_shutdown_starts_no_new_retry() {
     assert_eq!(bed.control.requests().len(), 1);
     bed.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_earlier_identical_message_does_not_pass_for_a_lost_one() {
+    let bed = fast("").start().await;
+    let sid = open_session(&bed).await;
+    let r = send(&client(), post_message(&bed, &sid, "yes")).await;
+    assert_eq!(r.status, 200);
+    // The same text again, lost before Knoq recorded it.
+    bed.control
+        .fail_next(SimRoute::MessageSend, vec![Fault::Reset]);
+    let r = send(&client(), post_message(&bed, &sid, "yes")).await;
+    assert_eq!(r.status, 502, "{:?}", r.body);
+    assert_eq!(r.json()["code"], "outcome_unknown");
+    // And when Knoq did record it, the second copy is found.
+    bed.control
+        .fail_next(SimRoute::MessageSend, vec![Fault::ApplyThenReset]);
+    let r = send(&client(), post_message(&bed, &sid, "yes")).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.headers["x-knoq-gateway-reconciled"], "true");
+    bed.shutdown().await;
+}
+
+#[tokio::test]
+async fn sessions_sharing_a_title_are_not_mistaken_for_each_other() {
+    let bed = fast("").start().await;
+    let prefix = "A".repeat(60);
+    let create = |suffix: &str| {
+        let body = format!(r#"{{"text":"{prefix}: report {suffix}"}}"#);
+        req(
+            "POST",
+            &bed.url(SESSION),
+            Some(bed.token("alice-svc")),
+            Some(&body),
+        )
+    };
+    let first = send(&client(), create("A")).await;
+    assert_eq!(first.status, 200);
+    let report_a = first.json()["id"].as_str().unwrap().to_string();
+    bed.control
+        .fail_next(SimRoute::SessionCreate, vec![Fault::Reset]);
+    let r = send(&client(), create("B")).await;
+    assert_eq!(
+        r.status, 502,
+        "report A's session must not be handed back: {:?}",
+        r.body
+    );
+    assert_eq!(r.json()["code"], "outcome_unknown");
+    bed.control
+        .fail_next(SimRoute::SessionCreate, vec![Fault::ApplyThenReset]);
+    let r = send(&client(), create("C")).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let found = r.json()["id"].as_str().unwrap().to_string();
+    assert_ne!(found, report_a);
+    let ids: Vec<String> = bed
+        .control
+        .sessions("alice")
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(ids.len(), 2);
+    assert!(ids.contains(&found) && ids.contains(&report_a));
+    bed.shutdown().await;
+}
+
+#[tokio::test]
+async fn resend_unconfirmed_never_exceeds_the_attempts() {
+    let bed = fast("attempts = 2\nresend_unconfirmed = true\n")
+        .start()
+        .await;
+    let sid = open_session(&bed).await;
+    bed.control.fail_next(
+        SimRoute::MessageSend,
+        vec![Fault::status(502), Fault::Reset],
+    );
+    let r = send(&client(), post_message(&bed, &sid, "bounded")).await;
+    assert_eq!(messages_seen(&bed), 2);
+    assert_eq!(r.status, 502);
+    assert_eq!(
+        r.json()["code"],
+        "outcome_unknown",
+        "the maybe-sent answer is kept"
+    );
+    assert_eq!(attempts(&r), 2);
+    bed.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_request_refused_by_the_open_circuit_consumes_no_quota() {
+    let bed = BedBuilder {
+        tail_toml: "[quotas]\nmessage = [\"2/hour\"]\n[retry]\nattempts = 1\n[circuit]\nfailures = 1\nopen_for = \"1s\"\n".into(),
+        ..TestBed::builder()
+    }
+    .start()
+    .await;
+    let sid = open_session(&bed).await;
+    bed.control
+        .fail_next(SimRoute::MessageSend, vec![Fault::status(503)]);
+    assert_eq!(
+        send(&client(), post_message(&bed, &sid, "a")).await.status,
+        503
+    );
+    let fast_fail = send(&client(), post_message(&bed, &sid, "b")).await;
+    assert_eq!(fast_fail.json()["code"], "upstream_unavailable");
+    // Once the circuit lets requests through, one slot is still left.
+    let c = client();
+    eventually("the circuit closes again", Duration::from_secs(5), || {
+        let (c, r) = (c.clone(), post_message(&bed, &sid, "c"));
+        async move { send(&c, r).await.status == 200 }
+    })
+    .await;
+    bed.shutdown().await;
+}

@@ -279,6 +279,18 @@ impl Circuit {
         }
     }
 
+    /// `Some(remaining)` if a pass would be refused now; takes nothing.
+    pub fn refuses(&self) -> Option<Duration> {
+        let now = Instant::now();
+        let s = self.lock();
+        match s.open_until {
+            None => None,
+            Some(until) if now < until => Some(until - now),
+            Some(_) if s.probing => Some(Duration::from_secs(1)),
+            Some(_) => None,
+        }
+    }
+
     pub fn is_open(&self) -> bool {
         self.lock().open_until.is_some()
     }
