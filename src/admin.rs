@@ -19,25 +19,30 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use crate::body::{self, BoxBody};
-use crate::credentials::{CredentialState, Credentials};
+use crate::credentials::CredentialState;
 use crate::error::GatewayError;
 use crate::inspect::HygieneRules;
+use crate::reload::Live;
 use crate::server::Handler;
 
 pub struct Admin {
-    credentials: Arc<Credentials>,
+    live: Arc<Live>,
     /// The same DNS-rebinding guard as the clients' port: a web page on
     /// this machine must not read the admin answers (they name users).
     hosts: HygieneRules,
 }
 
 impl Admin {
-    pub fn new(credentials: Arc<Credentials>, hosts: HygieneRules) -> Self {
-        Admin { credentials, hosts }
+    pub fn new(live: Arc<Live>, hosts: HygieneRules) -> Self {
+        Admin { live, hosts }
     }
 
     fn readyz(&self) -> Response<BoxBody> {
-        let status = self.credentials.status();
+        let status = self.live.current().credentials.status();
+        let reload = match self.live.failed_reload() {
+            None => json!({ "ok": true }),
+            Some(error) => json!({ "ok": false, "error": error }),
+        };
         let named = |state: CredentialState| -> Vec<&str> {
             status
                 .iter()
@@ -50,7 +55,10 @@ impl Admin {
             named(CredentialState::Missing),
         );
         if expired.is_empty() && missing.is_empty() {
-            json_rsp(StatusCode::OK, json!({ "status": "ready" }))
+            json_rsp(
+                StatusCode::OK,
+                json!({ "status": "ready", "reload": reload }),
+            )
         } else {
             json_rsp(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -58,6 +66,7 @@ impl Admin {
                     "status": "not_ready",
                     "credentials_expired": expired,
                     "credentials_missing": missing,
+                    "reload": reload,
                 }),
             )
         }
@@ -66,7 +75,7 @@ impl Admin {
     fn credentials(&self) -> Response<BoxBody> {
         json_rsp(
             StatusCode::OK,
-            json!({ "users": self.credentials.status() }),
+            json!({ "users": self.live.current().credentials.status() }),
         )
     }
 }

@@ -25,6 +25,8 @@
 //! | [`upstream`] | the pooled HTTPS client towards Knoq, typed errors |
 //! | [`error`] | the one map from errors to status, code and JSON body |
 //! | [`body`] | body type and helpers (JSON, deadline, in-flight guard) |
+//! | [`probe`] | keep-alive checks of idle accounts' cookies |
+//! | [`reload`] | the live gateway: SIGHUP and file-change reloads, atomic swap |
 //! | [`admin`] | `/healthz`, `/readyz` on the admin port |
 //! | [`sim`] | the simulated Knoq used by tests, the demo and the benchmark |
 //! | [`demo`] | `knoq-gateway demo`: simulated Knoq and gateway in one process |
@@ -57,8 +59,10 @@ pub mod headers;
 pub mod inspect;
 pub mod logging;
 pub mod pipeline;
+pub mod probe;
 pub mod quota;
 pub mod reconcile;
+pub mod reload;
 pub mod route;
 pub mod secrets;
 pub mod server;
@@ -84,13 +88,10 @@ use crate::pipeline::Gateway;
 use crate::server::ServeOptions;
 use crate::upstream::Upstream;
 
-/// How often the credential store looks for cookies changed on disk.
-const CREDENTIAL_REFRESH: std::time::Duration = std::time::Duration::from_millis(500);
-
 /// A gateway ready to serve: every file read, every check passed.
 pub struct Prepared {
     pub config: Arc<Config>,
-    gateway: Arc<Gateway>,
+    live: Arc<reload::Live>,
     admin: Arc<Admin>,
     tls: Option<TlsAcceptor>,
 }
@@ -129,9 +130,9 @@ pub fn check(config: &Config) -> Result<(), ConfigError> {
 /// As [`prepare`], with the clock quotas use (tests drive it by hand).
 pub fn prepare_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Prepared, ConfigError> {
     let mut problems: Vec<Problem> = Vec::new();
-    let credentials = Credentials::load(&config)
-        .map_err(|p| problems.extend(p))
-        .ok();
+    if let Err(p) = Credentials::load(&config) {
+        problems.extend(p);
+    }
     let server_tls = match &config.server.tls {
         None => None,
         Some(files) => tls::server_config(files)
@@ -157,39 +158,57 @@ pub fn prepare_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Prepa
         .map(|(journal, history)| quota::LocalStore::open(journal, history, &policy, margin))
         .map_err(|e| problems.push(Problem::new("state.dir", e)))
         .ok();
-    let (Some(credentials), Some(client_tls), Some(store)) = (credentials, client_tls, store)
-    else {
+    let (Some(client_tls), Some(store)) = (client_tls, store) else {
         return Err(problems.into());
     };
     if !problems.is_empty() {
         return Err(problems.into());
     }
-    let credentials = Arc::new(credentials);
-    let hygiene = HygieneRules {
-        max_header_bytes: config.server.max_header_bytes,
-        allowed_hosts: config.server.allowed_hosts.clone(),
-    };
-    let admin = Admin::new(credentials.clone(), hygiene.clone());
-    let gateway = Gateway {
-        hygiene,
+    let forwarder = Arc::new(forward::Forwarder::new(
+        Upstream::new(&config.upstream, client_tls),
+        config.retry.clone(),
+        &config.circuit,
+        clock.clone(),
+    ));
+    let config = Arc::new(config);
+    let gateway = build_gateway(config.clone(), clock.clone(), Arc::new(store), forwarder)?;
+    let hygiene = gateway.hygiene.clone();
+    let live = Arc::new(reload::Live::new(gateway, clock));
+    Ok(Prepared {
+        admin: Arc::new(Admin::new(live.clone(), hygiene)),
+        live,
+        tls: server_tls.map(|c| TlsAcceptor::from(Arc::new(c))),
+        config,
+    })
+}
+
+/// Builds a gateway from a validated config around a quota store and a
+/// forwarder (shared across reloads). Reads the credentials.
+pub(crate) fn build_gateway(
+    config: Arc<Config>,
+    clock: Arc<dyn Clock>,
+    store: Arc<dyn quota::QuotaStore>,
+    forwarder: Arc<forward::Forwarder>,
+) -> Result<Gateway, ConfigError> {
+    let credentials = Credentials::load(&config).map_err(ConfigError::from)?;
+    Ok(Gateway {
+        hygiene: HygieneRules {
+            max_header_bytes: config.server.max_header_bytes,
+            allowed_hosts: config.server.allowed_hosts.clone(),
+        },
         max_body: config.server.max_body,
         tokens: auth::TokenTable::new(&config.tokens),
-        credentials: credentials.clone(),
-        forwarder: forward::Forwarder::new(
-            Upstream::new(&config.upstream, client_tls),
-            config.retry.clone(),
-            &config.circuit,
-            clock.clone(),
-        ),
+        credentials: Arc::new(credentials),
+        forwarder,
         origin: config.upstream.origin.clone(),
-        quotas: quota::Quotas::new(policy, Arc::new(store), clock.clone(), &config.quotas),
-        clock: clock.clone(),
-    };
-    Ok(Prepared {
-        gateway: Arc::new(gateway),
-        admin: Arc::new(admin),
-        tls: server_tls.map(|c| TlsAcceptor::from(Arc::new(c))),
-        config: Arc::new(config),
+        quotas: quota::Quotas::new(
+            quota::Policy::new(&config),
+            store,
+            clock.clone(),
+            &config.quotas,
+        ),
+        clock,
+        config,
     })
 }
 
@@ -219,42 +238,23 @@ pub async fn run(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let stop_rx_refresh = stop_rx.clone();
+    let stop_rx_watch = stop_rx.clone();
     let proxy_task = server::serve(
         proxy,
-        prepared.gateway.clone(),
+        prepared.live.clone(),
         proxy_opts,
         stopped(stop_rx.clone()),
     );
     let admin_task = server::serve(admin, prepared.admin.clone(), admin_opts, stopped(stop_rx));
-    let gateway = prepared.gateway.clone();
-    let refresh = {
-        let credentials = prepared.gateway.credentials.clone();
-        let stop = stopped(stop_rx_refresh);
-        async move {
-            tokio::pin!(stop);
-            // Picks up `credentials set` and edited cookie files.
-            loop {
-                tokio::select! {
-                    () = tokio::time::sleep(CREDENTIAL_REFRESH) => credentials.refresh().await,
-                    () = &mut stop => break,
-                }
-            }
-        }
-    };
+    let live = prepared.live.clone();
+    let watch = prepared
+        .live
+        .clone()
+        .watch(prepared.config.source.clone(), stopped(stop_rx_watch));
     let signal = async move {
         shutdown.await;
-        gateway.forwarder.begin_drain();
+        live.current().forwarder.begin_drain();
         let _ = stop_tx.send(true);
     };
-    tokio::join!(proxy_task, admin_task, signal, refresh);
-}
-
-impl server::Handler for Gateway {
-    fn handle(
-        &self,
-        req: http::Request<hyper::body::Incoming>,
-    ) -> impl Future<Output = http::Response<body::BoxBody>> + Send {
-        Gateway::handle(self, req)
-    }
+    tokio::join!(proxy_task, admin_task, signal, watch);
 }

@@ -48,10 +48,12 @@ pub struct Gateway {
     pub(crate) max_body: u64,
     pub(crate) tokens: TokenTable,
     pub(crate) credentials: Arc<Credentials>,
-    pub(crate) forwarder: Forwarder,
+    pub(crate) forwarder: Arc<Forwarder>,
     pub(crate) origin: HeaderValue,
     pub(crate) quotas: Quotas,
     pub(crate) clock: Arc<dyn Clock>,
+    /// The configuration this gateway was built from.
+    pub(crate) config: Arc<crate::config::Config>,
 }
 
 /// Facts the stages learn about one request, read once at the end for the

@@ -274,6 +274,11 @@ impl Quotas {
         }
     }
 
+    /// The state store, to share with the gateway a reload builds.
+    pub fn store(&self) -> Arc<dyn QuotaStore> {
+        self.store.clone()
+    }
+
     /// Admits one request for `route`, or refuses it (see the module doc).
     pub async fn admit(
         &self,

@@ -220,7 +220,9 @@ fn launch(
     proxy: TcpListener,
     admin: TcpListener,
 ) -> (oneshot::Sender<()>, JoinHandle<()>) {
-    let config = Config::from_toml_str(config_text, dir).unwrap();
+    let mut config = Config::from_toml_str(config_text, dir).unwrap();
+    // Reloads watch the file the bed wrote.
+    config.source = Some(dir.join("gateway.toml"));
     let prepared = knoq_gateway::prepare(config).unwrap_or_else(|e| panic!("{e}"));
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let task = tokio::spawn(knoq_gateway::run(prepared, proxy, admin, async move {

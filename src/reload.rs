@@ -1,0 +1,209 @@
+//! The live gateway and its reloads.
+//!
+//! [`Live`] holds the current [`Gateway`] behind an `Arc`: each request
+//! takes a clone when it starts and finishes with the configuration it
+//! started with, however many reloads happen meanwhile; no connection is
+//! dropped. A reload (SIGHUP, or the config file changing on disk) builds a
+//! complete new gateway from the new file, or rejects the file as a whole:
+//! the old gateway stays in force, the problems are logged with their key
+//! paths, and `/readyz` reports the failed reload.
+//!
+//! What carries over: quota state (the store is shared, so users and tokens
+//! that still exist keep what they consumed), the upstream client with its
+//! pool, circuit and retry budget when `[upstream]`, `[retry]` and
+//! `[circuit]` did not change, and rotated or operator-set cookies (they
+//! live in the state directory). Listen addresses and the clients' TLS
+//! files are bound at start-up: changing them needs a restart, and a reload
+//! says so.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use crate::body::BoxBody;
+use crate::clock::Clock;
+use crate::config::{Config, ConfigError, Problem};
+use crate::forward::Forwarder;
+use crate::pipeline::Gateway;
+use crate::server::Handler;
+
+/// How often the config file is checked for changes.
+const WATCH_EVERY: Duration = Duration::from_millis(500);
+
+pub struct Live {
+    current: RwLock<Arc<Gateway>>,
+    /// The config file's stamp when the running config was read from it.
+    loaded: Mutex<Option<(SystemTime, u64)>>,
+    clock: Arc<dyn Clock>,
+    /// The last failed reload's problems, cleared by a successful one.
+    failed: Mutex<Option<String>>,
+    prober: crate::probe::Prober,
+}
+
+impl Live {
+    pub fn new(gateway: Gateway, clock: Arc<dyn Clock>) -> Self {
+        let loaded = gateway.config.source.as_ref().and_then(stamp);
+        Live {
+            current: RwLock::new(Arc::new(gateway)),
+            loaded: Mutex::new(loaded),
+            clock,
+            failed: Mutex::new(None),
+            prober: crate::probe::Prober::default(),
+        }
+    }
+
+    /// The gateway new requests use.
+    pub fn current(&self) -> Arc<Gateway> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Why the last reload was rejected, while no later one succeeded.
+    pub fn failed_reload(&self) -> Option<String> {
+        self.failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Builds a gateway from `config` and makes it current, or changes
+    /// nothing and returns every problem.
+    pub fn reload(&self, config: Config) -> Result<(), ConfigError> {
+        let old = self.current();
+        let result = self.rebuild(&old, config);
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(gateway) => {
+                *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(gateway);
+                *failed = None;
+                tracing::info!("configuration reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                *failed = Some(e.to_string());
+                tracing::error!(error = %e, "configuration reload rejected; the previous configuration stays in force");
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads `path` and reloads from it; a file that does not parse is a
+    /// rejected reload like any other.
+    pub fn reload_file(&self, path: &Path) -> Result<(), ConfigError> {
+        match Config::load(path) {
+            Ok(mut config) => {
+                config.source = Some(path.to_path_buf());
+                self.reload(config)
+            }
+            Err(e) => {
+                *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                tracing::error!(error = %e, "configuration reload rejected; the previous configuration stays in force");
+                Err(e)
+            }
+        }
+    }
+
+    fn rebuild(&self, old: &Gateway, config: Config) -> Result<Gateway, ConfigError> {
+        let before = &old.config;
+        for (key, changed) in [
+            (
+                "server.listen",
+                before.server.listen != config.server.listen,
+            ),
+            ("admin.listen", before.admin.listen != config.admin.listen),
+            (
+                "server.tls_cert",
+                format!("{:?}", before.server.tls) != format!("{:?}", config.server.tls),
+            ),
+            ("state.dir", before.state.dir != config.state.dir),
+        ] {
+            if changed {
+                tracing::warn!(key, "this setting changed but applies only after a restart");
+            }
+        }
+        let same_upstream = format!("{:?}", (&before.upstream, &before.retry, &before.circuit))
+            == format!("{:?}", (&config.upstream, &config.retry, &config.circuit));
+        let forwarder = if same_upstream {
+            old.forwarder.clone()
+        } else {
+            let tls = crate::tls::client_config(config.upstream.ca_file.as_deref())
+                .map_err(|e| ConfigError::from(vec![Problem::new("upstream.ca_file", e)]))?;
+            Arc::new(Forwarder::new(
+                crate::upstream::Upstream::new(&config.upstream, tls),
+                config.retry.clone(),
+                &config.circuit,
+                self.clock.clone(),
+            ))
+        };
+        crate::build_gateway(
+            Arc::new(config),
+            self.clock.clone(),
+            old.quotas.store(),
+            forwarder,
+        )
+    }
+
+    /// Reloads on SIGHUP and when the config file changes, refreshes
+    /// cookies changed on disk, and probes idle accounts, until `stop`
+    /// resolves.
+    pub async fn watch(self: Arc<Self>, path: Option<PathBuf>, stop: impl Future<Output = ()>) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup()).ok();
+        tokio::pin!(stop);
+        loop {
+            let hangup = async {
+                match hup.as_mut() {
+                    Some(h) => {
+                        h.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            let reload = tokio::select! {
+                () = &mut stop => break,
+                () = hangup => {
+                    tracing::info!("SIGHUP received; reloading the configuration");
+                    true
+                }
+                () = tokio::time::sleep(WATCH_EVERY) => {
+                    let now = path.as_ref().and_then(stamp);
+                    let mut seen = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+                    let changed = now.is_some() && now != *seen;
+                    *seen = now;
+                    changed
+                }
+            };
+            if reload {
+                match &path {
+                    Some(p) => {
+                        let _ = self.reload_file(p);
+                    }
+                    None => tracing::warn!("no config file to reload from"),
+                }
+            }
+            let gateway = self.current();
+            gateway.credentials.refresh().await;
+            self.prober.run_due(&gateway).await;
+        }
+    }
+}
+
+/// What identifies a version of the file: modification time and length.
+fn stamp(path: impl AsRef<Path>) -> Option<(SystemTime, u64)> {
+    let path = path.as_ref();
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+impl Handler for Live {
+    fn handle(&self, req: Request<Incoming>) -> impl Future<Output = Response<BoxBody>> + Send {
+        let gateway = self.current();
+        async move { gateway.handle(req).await }
+    }
+}

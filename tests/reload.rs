@@ -1,0 +1,286 @@
+//! Hot reload: config file changes and SIGHUP take effect without a restart
+//! or a dropped request; a bad file changes nothing.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use knoq_gateway::sim::{Fault, SimRoute};
+use support::*;
+
+const SESSIONS: &str = "/api/managed-agents/sessions";
+
+/// Rewrites the bed's config file (as an operator would).
+fn rewrite(bed: &TestBed, text: &str) {
+    std::fs::write(config_path(bed), text).unwrap();
+}
+
+/// The bed's config without the `[[tokens]]` entry named `name`.
+fn without_token(text: &str, name: &str) -> String {
+    let mut out = String::new();
+    for block in text.split("[[tokens]]") {
+        if block.contains(&format!("name = \"{name}\"")) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str("[[tokens]]");
+        }
+        out.push_str(block);
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_removed_token_is_refused_after_reload_while_its_request_in_flight_completes() {
+    let bed = TestBed::start().await;
+    let c = client();
+    bed.control.fail_next(
+        SimRoute::SessionsList,
+        vec![Fault::Delay(Duration::from_millis(1500))],
+    );
+    let slow = {
+        let (c, url, t) = (
+            c.clone(),
+            bed.url(SESSIONS),
+            bed.token("alice-batch").to_string(),
+        );
+        tokio::spawn(async move { send(&c, req("GET", &url, Some(&t), None)).await })
+    };
+    let control = bed.control.clone();
+    eventually(
+        "the slow request reached Knoq",
+        Duration::from_secs(5),
+        || {
+            let c = control.clone();
+            async move { c.in_flight() == 1 }
+        },
+    )
+    .await;
+    rewrite(&bed, &without_token(&bed.config_text, "alice-batch"));
+    eventually(
+        "the removed token is refused",
+        Duration::from_secs(5),
+        || {
+            let (c, r) = (
+                c.clone(),
+                req(
+                    "GET",
+                    &bed.url("/api/managed-agents/transcript?sessionId=x"),
+                    Some(bed.token("alice-batch")),
+                    None,
+                ),
+            );
+            async move { send(&c, r).await.status == 401 }
+        },
+    )
+    .await;
+    assert_eq!(
+        slow.await.unwrap().status,
+        200,
+        "the request it started still completed"
+    );
+    assert_eq!(
+        send(
+            &c,
+            req(
+                "GET",
+                &bed.url(SESSIONS),
+                Some(bed.token("alice-svc")),
+                None
+            )
+        )
+        .await
+        .status,
+        200
+    );
+    bed.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_invalid_config_is_rejected_whole_and_reported_by_readyz() {
+    let bed = TestBed::start().await;
+    let c = client();
+    let broken = bed
+        .config_text
+        .replace("[admin]", "[server.oops]\nfoo = 1\n[admin]");
+    rewrite(&bed, &format!("{broken}\n[quotas]\nmessage = [\"lots\"]\n"));
+    let ready_url = format!("http://{}/readyz", bed.admin);
+    eventually(
+        "readyz reports the failed reload",
+        Duration::from_secs(5),
+        || {
+            let (c, r) = (c.clone(), req("GET", &ready_url, None, None));
+            async move { send(&c, r).await.json()["reload"]["ok"] == false }
+        },
+    )
+    .await;
+    let ready = send(&c, req("GET", &ready_url, None, None)).await;
+    assert!(
+        ready.json()["reload"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("config"),
+        "{:?}",
+        ready.body
+    );
+    // The old configuration is still in force.
+    assert_eq!(
+        send(
+            &c,
+            req(
+                "GET",
+                &bed.url(SESSIONS),
+                Some(bed.token("alice-svc")),
+                None
+            )
+        )
+        .await
+        .status,
+        200
+    );
+    // Fixing the file clears the report.
+    rewrite(&bed, &bed.config_text);
+    eventually("the fixed config is loaded", Duration::from_secs(5), || {
+        let (c, r) = (c.clone(), req("GET", &ready_url, None, None));
+        async move { send(&c, r).await.json()["reload"]["ok"] == true }
+    })
+    .await;
+    bed.shutdown().await;
+}
+
+#[tokio::test]
+async fn quota_state_survives_a_reload_for_users_that_still_exist() {
+    let bed = BedBuilder {
+        tail_toml: "[quotas]\nread = [\"2/hour\"]\n".into(),
+        ..TestBed::builder()
+    }
+    .start()
+    .await;
+    let c = client();
+    for _ in 0..2 {
+        assert_eq!(
+            send(
+                &c,
+                req(
+                    "GET",
+                    &bed.url(SESSIONS),
+                    Some(bed.token("alice-svc")),
+                    None
+                )
+            )
+            .await
+            .status,
+            200
+        );
+    }
+    // A reload that changes something else (a new limit for cancels).
+    let text = bed.config_text.replace(
+        "read = [\"2/hour\"]",
+        "read = [\"2/hour\"]\ncancel = [\"5/min\"]",
+    );
+    rewrite(&bed, &text);
+    let ready_url = format!("http://{}/readyz", bed.admin);
+    // Wait for the reload to land: the new cancel limit shows in headers.
+    eventually("the reload landed", Duration::from_secs(5), || {
+        let (c, r) = (
+            c.clone(),
+            req(
+                "POST",
+                &bed.url("/api/managed-agents/cancel"),
+                Some(bed.token("bob-svc")),
+                Some(r#"{"sessionId":"x"}"#),
+            ),
+        );
+        async move {
+            send(&c, r)
+                .await
+                .headers
+                .get("ratelimit-policy")
+                .is_some_and(|v| v.to_str().unwrap().contains("q=5"))
+        }
+    })
+    .await;
+    let r = send(
+        &c,
+        req(
+            "GET",
+            &bed.url(SESSIONS),
+            Some(bed.token("alice-batch")),
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 429, "alice's consumed reads were kept");
+    assert_eq!(
+        send(&c, req("GET", &ready_url, None, None)).await.status,
+        200
+    );
+    bed.shutdown().await;
+}
+
+#[tokio::test]
+async fn sighup_reloads_and_does_not_stop_the_process() {
+    let bed = TestBed::start().await;
+    let proxy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (paddr, aaddr) = (proxy.local_addr().unwrap(), admin.local_addr().unwrap());
+    drop((proxy, admin));
+    let text = bed
+        .config_text
+        .replace(&bed.addr.to_string(), &paddr.to_string())
+        .replace(&bed.admin.to_string(), &aaddr.to_string());
+    let config = bed.dir.0.join("hup.toml");
+    std::fs::write(&config, &text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_knoq-gateway"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let c = client();
+    let health = format!("http://{aaddr}/healthz");
+    eventually("the gateway process is up", Duration::from_secs(10), || {
+        let (c, url) = (c.clone(), health.clone());
+        async move { c.request(req("GET", &url, None, None)).await.is_ok() }
+    })
+    .await;
+    let url = format!("http://{paddr}{SESSIONS}");
+    assert_eq!(
+        send(&c, req("GET", &url, Some(bed.token("bob-svc")), None))
+            .await
+            .status,
+        200
+    );
+    // Remove bob's token, then SIGHUP.
+    std::fs::write(&config, without_token(&text, "bob-svc")).unwrap();
+    let _ = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status();
+    eventually(
+        "bob's token is refused after the reload",
+        Duration::from_secs(5),
+        || {
+            let (c, r) = (
+                c.clone(),
+                req("GET", &url, Some(bed.token("bob-svc")), None),
+            );
+            async move { send(&c, r).await.status == 401 }
+        },
+    )
+    .await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP must not stop the gateway"
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("configuration reloaded"));
+    bed.shutdown().await;
+}
