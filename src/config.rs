@@ -193,6 +193,7 @@ struct RawUser {
     cookie_file: Option<PathBuf>,
     cookie_env: Option<String>,
     quotas: Option<RawBucketQuotas>,
+    probe: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -345,6 +346,8 @@ pub struct UserConfig {
     pub cookie: CookieSource,
     /// Buckets this account sets itself, replacing `[quotas]` defaults.
     pub quotas: BucketOverrides,
+    /// Check an idle account's cookie this often (`None`: never).
+    pub probe: Option<Duration>,
 }
 
 /// Where a user's Knoq cookie comes from.
@@ -663,10 +666,18 @@ impl RawConfig {
                 }
             };
             let quotas = c.bucket_overrides(&format!("{key}.quotas"), u.quotas);
+            let probe = u.probe.as_deref().map(|p| {
+                let d = c.duration(&format!("{key}.probe"), Some(p), "10m");
+                if d < Duration::from_secs(1) {
+                    c.problem(format!("{key}.probe"), "must be at least 1s");
+                }
+                d
+            });
             users.push(UserConfig {
                 name: u.name,
                 cookie,
                 quotas,
+                probe,
             });
         }
 

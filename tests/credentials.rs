@@ -303,3 +303,38 @@ async fn kill_9_during_rotations_never_leaves_a_torn_cookie() {
     assert!(generation > 6);
     bed.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_idle_accounts_expired_cookie_is_found_by_the_probe() {
+    let bed = TestBed::start().await;
+    let c = client();
+    // Give alice a one-second probe, by reloading the config.
+    let text = bed.config_text.replace(
+        "name = \"alice\"\ncookie_file = \"alice.cookie\"\n",
+        "name = \"alice\"\ncookie_file = \"alice.cookie\"\nprobe = \"1s\"\n",
+    );
+    assert_ne!(text, bed.config_text);
+    std::fs::write(config_path(&bed), text).unwrap();
+    bed.control.expire_cookie("alice");
+    let ready = format!("http://{}/readyz", bed.admin);
+    eventually(
+        "the probe finds alice's cookie expired",
+        Duration::from_secs(10),
+        || {
+            let (c, r) = (c.clone(), req("GET", &ready, None, None));
+            async move {
+                send(&c, r).await.json()["credentials_expired"] == serde_json::json!(["alice"])
+            }
+        },
+    )
+    .await;
+    let probes: Vec<_> = bed
+        .control
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == SESSIONS)
+        .collect();
+    assert!(!probes.is_empty());
+    assert!(probes.iter().all(|r| r.headers["cookie"] == ALICE_COOKIE));
+    bed.shutdown().await;
+}
