@@ -6,6 +6,7 @@
 //! |--------|------------|--------|
 //! | GET    | `/healthz` | 200 `{"status":"ok"}` while the process runs |
 //! | GET    | `/readyz`  | 200 when the config is loaded and every user's cookie is present and not expired, else 503 naming the users |
+//! | GET    | `/metrics` | Prometheus text format (see `metrics.rs`) |
 //! | GET    | `/credentials` | each user's credential state, last success, last rotation, source (never the cookie) |
 //!
 //! Anything else: 404, or 405 for a known path with another method. All
@@ -92,7 +93,15 @@ impl Handler for Admin {
             }
             (&Method::GET | &Method::HEAD, "/readyz") => self.readyz(),
             (&Method::GET | &Method::HEAD, "/credentials") => self.credentials(),
-            (_, "/healthz" | "/readyz" | "/credentials") => method_not_allowed(),
+            (&Method::GET | &Method::HEAD, "/metrics") => {
+                let gateway = self.live.current();
+                Response::builder()
+                    .status(StatusCode::OK)
+                    .header(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
+                    .body(body::full(gateway.metrics.encode(&gateway)))
+                    .expect("static status and headers make a valid response")
+            }
+            (_, "/healthz" | "/readyz" | "/credentials" | "/metrics") => method_not_allowed(),
             _ => not_found(),
         }
     }
@@ -109,7 +118,7 @@ fn json_rsp(status: StatusCode, value: serde_json::Value) -> Response<BoxBody> {
 fn not_found() -> Response<BoxBody> {
     json_rsp(
         StatusCode::NOT_FOUND,
-        json!({ "error": "no such admin endpoint; try /healthz, /readyz or /credentials", "code": "not_found" }),
+        json!({ "error": "no such admin endpoint; try /healthz, /readyz, /metrics or /credentials", "code": "not_found" }),
     )
 }
 

@@ -262,10 +262,11 @@ impl Credentials {
     }
 
     /// Applies Knoq's `Set-Cookie` lines for `user`: the merged cookie is
-    /// persisted, then published, before this returns.
-    pub async fn apply_set_cookies(&self, user: &str, lines: &[HeaderValue], now: Millis) {
+    /// persisted, then published, before this returns. `true` if the
+    /// cookie changed.
+    pub async fn apply_set_cookies(&self, user: &str, lines: &[HeaderValue], now: Millis) -> bool {
         let Some(cred) = self.users.get(user) else {
-            return;
+            return false;
         };
         let changes: Vec<cookies::SetCookie> = lines
             .iter()
@@ -273,21 +274,21 @@ impl Credentials {
             .filter_map(|l| cookies::parse_set_cookie(l, now))
             .collect();
         if changes.is_empty() {
-            return;
+            return false;
         }
         let _w = cred.writer.lock().await;
         let Some(current) = cred.cookie() else {
-            return;
+            return false;
         };
         let merged = cookies::merge(current.to_str().unwrap_or_default(), &changes);
         if merged == current.to_str().unwrap_or_default() {
-            return;
+            return false;
         }
         let new = match parse_cookie(&merged) {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(user, error = %e, "ignoring a Set-Cookie that would leave an unusable cookie");
-                return;
+                return false;
             }
         };
         match self.persist(cred, &new, Some(now), false).await {
@@ -305,6 +306,7 @@ impl Credentials {
                 tracing::error!(user, error = %e, "Knoq rotated the session cookie but the gateway cannot store it; a restart would fall back to the old one");
             }
         }
+        true
     }
 
     /// Writes the user's state copy (atomically, durably) and remembers its

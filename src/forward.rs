@@ -30,6 +30,7 @@ use crate::body::{self, BoxBody};
 use crate::clock::Clock;
 use crate::config::RetryConfig;
 use crate::error::GatewayError;
+use crate::metrics::Metrics;
 use crate::reconcile::{Confirmed, Finding, Reconciler};
 use crate::route::Route;
 use crate::upstream::retry::{self, jitter_sample, Budget, Circuit, Verdict};
@@ -45,6 +46,7 @@ pub struct Forwarder {
     circuit: Circuit,
     clock: Arc<dyn Clock>,
     draining: AtomicBool,
+    metrics: Arc<Metrics>,
     /// Sends Knoq confirmed recently, so reconciliation does not mistake
     /// an earlier identical message for this one.
     confirmed: Confirmed,
@@ -80,9 +82,11 @@ impl Forwarder {
         retry: RetryConfig,
         circuit: &crate::config::CircuitConfig,
         clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Forwarder {
             upstream,
+            metrics,
             budget: Budget::new(retry.budget, retry.budget_floor),
             circuit: Circuit::new(circuit.failures, circuit.open_for),
             retry,
@@ -124,6 +128,8 @@ impl Forwarder {
         // resend cannot happen.
         let mut unknown: Option<GatewayError> = None;
         let mut last: Option<Result<Response<BoxBody>, UpstreamError>> = None;
+        let mut retry_reason = "";
+        let route = out.route.label();
         loop {
             attempt += 1;
             if attempt > 1 && !self.may_retry(out, attempt, wait_hint).await {
@@ -159,6 +165,11 @@ impl Forwarder {
             };
             if attempt == 1 {
                 self.budget.first_attempt();
+            } else {
+                self.metrics
+                    .retries
+                    .with_label_values(&[route, retry_reason])
+                    .inc();
             }
             let sent_at = self.clock.now();
             let req = Request::from_parts(
@@ -167,7 +178,29 @@ impl Forwarder {
                     .map_err(|n| match n {})
                     .boxed_unsync(),
             );
+            let started = Instant::now();
             let outcome = self.upstream.send(req).await;
+            self.metrics
+                .upstream_duration
+                .with_label_values(&[route])
+                .observe(started.elapsed().as_secs_f64());
+            match &outcome {
+                Ok(rsp) => self
+                    .metrics
+                    .upstream_requests
+                    .with_label_values(&[route, rsp.status().as_str()])
+                    .inc(),
+                Err(e) => {
+                    self.metrics
+                        .upstream_requests
+                        .with_label_values(&[route, "error"])
+                        .inc();
+                    self.metrics
+                        .upstream_errors
+                        .with_label_values(&[e.kind()])
+                        .inc();
+                }
+            }
             let (facts, failed) = match &outcome {
                 Ok(rsp) => {
                     let s = rsp.status();
@@ -200,6 +233,7 @@ impl Forwarder {
                 Verdict::Retry { reason, after } => {
                     tracing::debug!(attempt, reason, "upstream attempt failed; may retry");
                     wait_hint = after;
+                    retry_reason = reason;
                     last = Some(outcome);
                     if attempt >= self.retry.attempts {
                         break;
@@ -221,6 +255,7 @@ impl Forwarder {
                         // unknown outcome: resend once, if allowed.
                         resent_unconfirmed = true;
                         wait_hint = None;
+                        retry_reason = "resend_unconfirmed";
                         unknown = Some(error);
                         continue;
                     }

@@ -27,6 +27,7 @@
 //! | [`body`] | body type and helpers (JSON, deadline, in-flight guard) |
 //! | [`probe`] | keep-alive checks of idle accounts' cookies |
 //! | [`reload`] | the live gateway: SIGHUP and file-change reloads, atomic swap |
+//! | [`metrics`] | Prometheus series on an explicit registry; bounded labels |
 //! | [`admin`] | `/healthz`, `/readyz` on the admin port |
 //! | [`sim`] | the simulated Knoq used by tests, the demo and the benchmark |
 //! | [`demo`] | `knoq-gateway demo`: simulated Knoq and gateway in one process |
@@ -58,6 +59,7 @@ pub mod forward;
 pub mod headers;
 pub mod inspect;
 pub mod logging;
+pub mod metrics;
 pub mod pipeline;
 pub mod probe;
 pub mod quota;
@@ -164,14 +166,22 @@ pub fn prepare_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Prepa
     if !problems.is_empty() {
         return Err(problems.into());
     }
+    let metrics = metrics::Metrics::new();
     let forwarder = Arc::new(forward::Forwarder::new(
         Upstream::new(&config.upstream, client_tls),
         config.retry.clone(),
         &config.circuit,
         clock.clone(),
+        metrics.clone(),
     ));
     let config = Arc::new(config);
-    let gateway = build_gateway(config.clone(), clock.clone(), Arc::new(store), forwarder)?;
+    let gateway = build_gateway(
+        config.clone(),
+        clock.clone(),
+        Arc::new(store),
+        forwarder,
+        metrics,
+    )?;
     let hygiene = gateway.hygiene.clone();
     let live = Arc::new(reload::Live::new(gateway, clock));
     Ok(Prepared {
@@ -189,6 +199,7 @@ pub(crate) fn build_gateway(
     clock: Arc<dyn Clock>,
     store: Arc<dyn quota::QuotaStore>,
     forwarder: Arc<forward::Forwarder>,
+    metrics: Arc<metrics::Metrics>,
 ) -> Result<Gateway, ConfigError> {
     let credentials = Credentials::load(&config).map_err(ConfigError::from)?;
     Ok(Gateway {
@@ -209,6 +220,7 @@ pub(crate) fn build_gateway(
         ),
         clock,
         config,
+        metrics,
     })
 }
 
@@ -228,10 +240,12 @@ pub async fn run(
         max_connections: server.max_connections,
         max_header_bytes: server.max_header_bytes,
         shutdown_grace: server.shutdown_grace,
+        connections: Some(prepared.live.current().metrics.open_connections.clone()),
     };
     let admin_opts = ServeOptions {
         tls: None,
         max_connections: 64,
+        connections: None,
         ..proxy_opts.clone()
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -39,7 +39,8 @@ use crate::error::{Blame, GatewayError};
 use crate::forward::{Forwarder, Outbound, X_ATTEMPTS};
 use crate::headers::{self, UpstreamAuth, X_REQUEST_ID};
 use crate::inspect::HygieneRules;
-use crate::quota::Quotas;
+use crate::metrics::Metrics;
+use crate::quota::{Bucket, Quotas};
 use crate::route::{self, Route};
 
 /// Everything the request path needs, built once at start-up.
@@ -54,6 +55,7 @@ pub struct Gateway {
     pub(crate) clock: Arc<dyn Clock>,
     /// The configuration this gateway was built from.
     pub(crate) config: Arc<crate::config::Config>,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 /// Facts the stages learn about one request, read once at the end for the
@@ -97,7 +99,9 @@ impl Gateway {
             attempts: 0,
         };
         let method = req.method().clone();
+        self.metrics.inflight.inc();
         let result = self.handle_inner(req, &mut ctx).await;
+        self.metrics.inflight.dec();
         let mut rsp = match result {
             Ok(rsp) => rsp,
             Err(err) => {
@@ -116,6 +120,17 @@ impl Gateway {
                         "request failed"
                     ),
                 }
+                if let (GatewayError::Quota(q), Some(p)) = (&err, &ctx.principal) {
+                    self.metrics
+                        .quota_rejections
+                        .with_label_values(&[
+                            &p.user,
+                            &p.token,
+                            q.standing.bucket.label(),
+                            q.standing.scope.label(),
+                        ])
+                        .inc();
+                }
                 err.into_response(ctx.attempts)
             }
         };
@@ -129,6 +144,9 @@ impl Gateway {
             Some(p) => (&*p.user, &*p.token),
             None => ("-", "-"),
         };
+        let seconds = ctx.start.elapsed().as_secs_f64();
+        self.metrics
+            .record_request(ctx.route, &method, rsp.status(), user, token, seconds);
         tracing::info!(
             request_id = ctx.request_id.to_str().unwrap_or("-"),
             method = %method,
@@ -138,7 +156,7 @@ impl Gateway {
             status = rsp.status().as_u16(),
             upstream_status = ctx.upstream_status.map(|s| s.as_u16()),
             attempts = ctx.attempts,
-            duration_ms = ctx.start.elapsed().as_secs_f64() * 1000.0,
+            duration_ms = seconds * 1000.0,
             "request"
         );
         rsp
@@ -252,9 +270,16 @@ impl Gateway {
             let now = self.clock.now();
             if !set_cookies.is_empty() {
                 // Stored and published before the client gets its answer.
-                self.credentials
+                let rotated = self
+                    .credentials
                     .apply_set_cookies(&principal.user, &set_cookies, now)
                     .await;
+                if rotated {
+                    self.metrics
+                        .cookie_rotations
+                        .with_label_values(&[&principal.user])
+                        .inc();
+                }
             }
             if rsp.status() == StatusCode::UNAUTHORIZED
                 && self.credentials.mark_expired(&principal.user, sent).await
@@ -296,6 +321,12 @@ impl Gateway {
             }
         }
         if rsp.status() == StatusCode::TOO_MANY_REQUESTS {
+            if let Some(bucket) = Bucket::for_route(route) {
+                self.metrics
+                    .upstream_rate_limited
+                    .with_label_values(&[&principal.user, bucket.label()])
+                    .inc();
+            }
             let retry_after = rsp.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok());
             self.quotas.knoq_refused(&principal, route, retry_after);
         }

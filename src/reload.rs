@@ -77,6 +77,8 @@ impl Live {
     pub fn reload(&self, config: Config) -> Result<(), ConfigError> {
         let old = self.current();
         let result = self.rebuild(&old, config);
+        let label = if result.is_ok() { "success" } else { "failure" };
+        old.metrics.config_reloads.with_label_values(&[label]).inc();
         let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
         match result {
             Ok(gateway) => {
@@ -102,6 +104,11 @@ impl Live {
                 self.reload(config)
             }
             Err(e) => {
+                self.current()
+                    .metrics
+                    .config_reloads
+                    .with_label_values(&["failure"])
+                    .inc();
                 *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
                 tracing::error!(error = %e, "configuration reload rejected; the previous configuration stays in force");
                 Err(e)
@@ -139,6 +146,7 @@ impl Live {
                 config.retry.clone(),
                 &config.circuit,
                 self.clock.clone(),
+                old.metrics.clone(),
             ))
         };
         crate::build_gateway(
@@ -146,6 +154,7 @@ impl Live {
             self.clock.clone(),
             old.quotas.store(),
             forwarder,
+            old.metrics.clone(),
         )
     }
 

@@ -53,6 +53,8 @@ pub struct ServeOptions {
     pub max_connections: usize,
     pub max_header_bytes: usize,
     pub shutdown_grace: Duration,
+    /// Counts open connections, when given.
+    pub connections: Option<prometheus::IntGauge>,
 }
 
 /// Serves `listener` with `handler` until `shutdown` resolves, then drains.
@@ -96,7 +98,14 @@ pub async fn serve<H: Handler>(
         let done = done_tx.clone();
         tokio::spawn(async move {
             tracing::trace!(%peer, "connection accepted");
+            let gauge = opts.connections.clone();
+            if let Some(g) = &gauge {
+                g.inc();
+            }
             serve_connection(stream, &builder, handler, opts, drain).await;
+            if let Some(g) = &gauge {
+                g.dec();
+            }
             drop(permit);
             drop(done);
         });

@@ -274,6 +274,11 @@ impl Quotas {
         }
     }
 
+    /// Which windows apply to whom.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
     /// The state store, to share with the gateway a reload builds.
     pub fn store(&self) -> Arc<dyn QuotaStore> {
         self.store.clone()

@@ -43,6 +43,19 @@ pub enum UpstreamError {
     Protocol(#[source] BoxError),
 }
 
+impl UpstreamError {
+    /// The `kind` label of `knoq_gateway_upstream_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect(_) => "connect",
+            UpstreamError::Tls(_) => "tls",
+            UpstreamError::Timeout(_) => "timeout",
+            UpstreamError::Reset(_) => "reset",
+            UpstreamError::Protocol(_) => "protocol",
+        }
+    }
+}
+
 /// The client towards Knoq. Cheap to share: clone the `Arc` around it.
 pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, BoxBody>,
