@@ -36,6 +36,21 @@ use crate::secrets::{read_secret_file, read_secret_line};
 
 const STATE_SUBDIR: &str = "credentials";
 
+/// A state copy made by `credentials set` for a source the CLI could not
+/// read the way the gateway does (an environment variable, or a file the
+/// CLI's user cannot read): it applies whatever the source holds.
+const OPERATOR: &str = "operator";
+
+/// What identifies one version of a file: modification time and inode (a
+/// rename gives a new inode even within the same clock tick).
+type Stamp = (SystemTime, u64);
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.ino()))
+}
+
 /// What the operator and `/readyz` see of a credential.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -88,8 +103,8 @@ struct Status {
     last_success: Option<Millis>,
     last_rotation: Option<Millis>,
     from_state: bool,
-    /// Modification time of the state file we last read or wrote.
-    state_mtime: Option<SystemTime>,
+    /// Identity of the state file we last read or wrote.
+    state_mtime: Option<Stamp>,
     source_sha256: String,
 }
 
@@ -132,7 +147,7 @@ impl UserCredential {
 
 /// Every user's cookie, and the SCIM bearer header when configured.
 pub struct Credentials {
-    users: HashMap<Arc<str>, UserCredential>,
+    users: HashMap<Arc<str>, Arc<UserCredential>>,
     scim_bearer: Option<HeaderValue>,
     state_dir: PathBuf,
 }
@@ -151,38 +166,60 @@ impl fmt::Debug for Credentials {
 impl Credentials {
     /// Loads every cookie and the SCIM token, reporting every problem.
     pub fn load(config: &Config) -> Result<Credentials, Vec<Problem>> {
-        Self::load_with(config, |name| std::env::var(name).ok())
+        Self::load_with(config, |name| std::env::var(name).ok(), None)
+    }
+
+    /// As [`load`](Self::load) for a reload: users whose cookie source did
+    /// not change keep their live credential (cookie, status, writer lock),
+    /// so a rotation in progress during the reload is not lost; and a
+    /// cookie file that does not exist leaves that user `missing` (503 for
+    /// its requests, `/readyz` naming it) instead of refusing the reload.
+    pub fn reload(config: &Config, previous: &Credentials) -> Result<Credentials, Vec<Problem>> {
+        Self::load_with(config, |name| std::env::var(name).ok(), Some(previous))
     }
 
     /// As [`load`](Self::load), with the environment passed in (tests).
     pub fn load_with(
         config: &Config,
         env: impl Fn(&str) -> Option<String>,
+        previous: Option<&Credentials>,
     ) -> Result<Credentials, Vec<Problem>> {
         let state_dir = config.state.dir.join(STATE_SUBDIR);
         let mut problems = Vec::new();
         let mut users = HashMap::new();
         for (i, user) in config.users.iter().enumerate() {
+            if let Some(kept) = previous
+                .and_then(|p| p.users.get(user.name.as_str()))
+                .filter(|c| c.source == user.cookie)
+            {
+                users.insert(user.name.as_str().into(), kept.clone());
+                continue;
+            }
             let (key, raw) = source_value(i, &user.cookie, &env);
-            let source =
-                match raw.and_then(|text| parse_cookie(&text).map(|c| (sha256_hex(&text), c))) {
-                    Ok(v) => v,
-                    Err(message) => {
-                        problems.push(Problem::new(key, message));
-                        continue;
-                    }
-                };
-            let cred = UserCredential {
+            let state = match read_state(&state_dir, &user.name) {
+                Ok(state) => state,
+                Err(message) => {
+                    problems.push(Problem::new("state.dir", message));
+                    continue;
+                }
+            };
+            let cred = Arc::new(UserCredential {
                 name: user.name.clone(),
                 cookie: RwLock::new(None),
                 source: user.cookie.clone(),
                 status: Mutex::new(Status::default()),
                 writer: tokio::sync::Mutex::new(()),
-            };
-            match read_state(&state_dir, &user.name) {
-                Ok(state) => adopt(&cred, source, state),
+            });
+            match raw.and_then(|text| parse_cookie(&text).map(|c| (sha256_hex(&text), c))) {
+                Ok(source) => adopt(&cred, Some(source), state),
+                // On a reload, a missing source is a missing cookie, unless
+                // a stored copy still applies.
+                Err(_) if previous.is_some() && is_missing(&user.cookie, &env) => {
+                    tracing::warn!(user = %user.name, "no cookie source; the account's requests fail until one is provided");
+                    adopt(&cred, None, state);
+                }
                 Err(message) => {
-                    problems.push(Problem::new("state.dir", message));
+                    problems.push(Problem::new(key, message));
                     continue;
                 }
             }
@@ -211,7 +248,7 @@ impl Credentials {
 
     /// The user's current cookie, or `None` when it is missing.
     pub fn cookie(&self, user: &str) -> Option<HeaderValue> {
-        self.users.get(user).and_then(UserCredential::cookie)
+        self.users.get(user).and_then(|c| c.cookie())
     }
 
     /// `Bearer <scim token>`, when configured.
@@ -239,6 +276,7 @@ impl Credentials {
             return false;
         };
         let _w = cred.writer.lock().await;
+        self.adopt_if_replaced(cred);
         if cred.cookie().as_ref() != Some(sent) {
             return false;
         }
@@ -277,6 +315,10 @@ impl Credentials {
             return false;
         }
         let _w = cred.writer.lock().await;
+        if self.adopt_if_replaced(cred) {
+            // An operator's new cookie arrived meanwhile: it wins.
+            return false;
+        }
         let Some(current) = cred.cookie() else {
             return false;
         };
@@ -309,6 +351,35 @@ impl Credentials {
         true
     }
 
+    /// If the state file was replaced by someone else (`credentials set`)
+    /// since we last read or wrote it, takes its cookie. `true` if it did.
+    /// Called with the user's writer lock held.
+    fn adopt_if_replaced(&self, cred: &UserCredential) -> bool {
+        let path = state_path(&self.state_dir, &cred.name);
+        let now = stamp(&path);
+        if now.is_none() || now == cred.status().state_mtime {
+            return false;
+        }
+        let Ok(Some((file, _))) = read_state(&self.state_dir, &cred.name) else {
+            return false;
+        };
+        let digest = cred.status().source_sha256.clone();
+        if file.source_sha256 != digest && file.source_sha256 != OPERATOR {
+            cred.status().state_mtime = now;
+            return false;
+        }
+        let Ok(cookie) = parse_cookie(&file.cookie) else {
+            return false;
+        };
+        cred.publish(cookie);
+        let mut s = cred.status();
+        s.expired = file.expired;
+        s.last_rotation = file.rotated_at;
+        s.from_state = true;
+        s.state_mtime = now;
+        true
+    }
+
     /// Writes the user's state copy (atomically, durably) and remembers its
     /// modification time so the poller does not re-read our own write.
     async fn persist(
@@ -329,16 +400,24 @@ impl Credentials {
             expired,
         };
         let path = state_path(&self.state_dir, &cred.name);
+        // Someone else (`credentials set`) wrote the file since we last
+        // looked: theirs wins, and ours must not overwrite it.
+        let known = cred.status().state_mtime;
+        if path.exists() && stamp(&path) != known {
+            return Err(std::io::Error::other(
+                "the stored cookie was replaced meanwhile",
+            ));
+        }
         let dir = self.state_dir.clone();
         let text = serde_json::to_vec(&file).expect("a state file always serialises");
-        let mtime = tokio::task::spawn_blocking(move || -> std::io::Result<Option<SystemTime>> {
+        let written = tokio::task::spawn_blocking(move || -> std::io::Result<Option<Stamp>> {
             crate::state::ensure_dir(&dir)?;
             crate::state::write_atomic(&path, &text)?;
-            Ok(std::fs::metadata(&path).and_then(|m| m.modified()).ok())
+            Ok(stamp(&path))
         })
         .await
         .map_err(std::io::Error::other)??;
-        cred.status().state_mtime = mtime;
+        cred.status().state_mtime = written;
         Ok(())
     }
 
@@ -369,12 +448,15 @@ impl Credentials {
             }
             // A state copy written by someone else (`credentials set`).
             let path = state_path(&self.state_dir, &cred.name);
-            let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+            let mtime = stamp(&path);
             if mtime.is_none() || mtime == cred.status().state_mtime {
                 continue;
             }
             match read_state(&self.state_dir, &cred.name) {
-                Ok(Some((state, _))) if state.source_sha256 == cred.status().source_sha256 => {
+                Ok(Some((state, _)))
+                    if state.source_sha256 == cred.status().source_sha256
+                        || state.source_sha256 == OPERATOR =>
+                {
                     match parse_cookie(&state.cookie) {
                         Ok(cookie) => {
                             let was_expired = cred.status().expired;
@@ -453,27 +535,39 @@ fn source_value(
 /// Chooses between the source value and the state copy at start-up.
 fn adopt(
     cred: &UserCredential,
-    (digest, source_cookie): (String, HeaderValue),
-    state: Option<(StateFile, Option<SystemTime>)>,
+    source: Option<(String, HeaderValue)>,
+    state: Option<(StateFile, Option<Stamp>)>,
 ) {
     let mut s = cred.status();
+    let digest = source.as_ref().map(|(d, _)| d.clone()).unwrap_or_default();
     s.source_sha256 = digest.clone();
-    match state {
-        Some((file, mtime)) if file.source_sha256 == digest => match parse_cookie(&file.cookie) {
-            Ok(cookie) => {
-                cred.publish(cookie);
-                s.expired = file.expired;
-                s.last_rotation = file.rotated_at;
-                s.from_state = true;
-                s.state_mtime = mtime;
-            }
-            Err(_) => cred.publish(source_cookie),
-        },
-        other => {
-            // No copy, or one made from an older source value: the source wins.
-            s.state_mtime = other.and_then(|(_, m)| m);
-            cred.publish(source_cookie);
+    let (file, mtime) = match state {
+        Some((file, mtime)) => (Some(file), mtime),
+        None => (None, None),
+    };
+    s.state_mtime = mtime;
+    let copy = file.filter(|f| f.source_sha256 == digest || f.source_sha256 == OPERATOR);
+    match (
+        copy.and_then(|f| parse_cookie(&f.cookie).ok().map(|c| (c, f))),
+        source,
+    ) {
+        (Some((cookie, f)), _) => {
+            cred.publish(cookie);
+            s.expired = f.expired;
+            s.last_rotation = f.rotated_at;
+            s.from_state = true;
         }
+        // No copy, or one made from an older source value: the source wins.
+        (None, Some((_, cookie))) => cred.publish(cookie),
+        (None, None) => {}
+    }
+}
+
+/// Whether the source simply does not exist (as opposed to being unsafe).
+fn is_missing(source: &CookieSource, env: &impl Fn(&str) -> Option<String>) -> bool {
+    match source {
+        CookieSource::File(path) => !path.exists(),
+        CookieSource::Env(var) => env(var).is_none(),
     }
 }
 
@@ -483,7 +577,7 @@ fn state_path(dir: &Path, user: &str) -> PathBuf {
 
 /// The user's state copy with its modification time, if there is one. A
 /// damaged copy is an error: the gateway never guesses which cookie to use.
-fn read_state(dir: &Path, user: &str) -> Result<Option<(StateFile, Option<SystemTime>)>, String> {
+fn read_state(dir: &Path, user: &str) -> Result<Option<(StateFile, Option<Stamp>)>, String> {
     let path = state_path(dir, user);
     if !path.exists() {
         return Ok(None);
@@ -495,8 +589,7 @@ fn read_state(dir: &Path, user: &str) -> Result<Option<(StateFile, Option<System
             path.display()
         )
     })?;
-    let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-    Ok(Some((file, mtime)))
+    Ok(Some((file, stamp(&path))))
 }
 
 impl Credentials {
@@ -517,8 +610,14 @@ pub fn store_operator_cookie(config: &Config, user: &str, cookie: &str) -> Resul
         .ok_or_else(|| format!("no [[users]] entry is named \"{user}\""))?;
     parse_cookie(cookie)?;
     let (_, source) = source_value(i, &config.users[i].cookie, &|v| std::env::var(v).ok());
-    // A missing source still gets a digest, so the copy is used until one appears.
-    let digest = sha256_hex(&source.unwrap_or_default());
+    // A copy names the source value it supersedes, so that a later edit of
+    // cookie_file wins over it; where the CLI cannot see the source the way
+    // the gateway does (an environment variable, an unreadable file), the
+    // copy is marked as the operator's and applies whatever the source holds.
+    let digest = match (&config.users[i].cookie, source) {
+        (CookieSource::File(_), Ok(text)) => sha256_hex(&text),
+        _ => OPERATOR.to_string(),
+    };
     let file = StateFile {
         cookie: cookie.trim().to_string(),
         source_sha256: digest,
@@ -549,8 +648,11 @@ pub fn status_from_files(config: &Config) -> Vec<UserStatus> {
             let (_, source) = source_value(i, &u.cookie, &|v| std::env::var(v).ok());
             let digest = source.as_ref().ok().map(|t| sha256_hex(t));
             let state = read_state(&dir, &u.name).ok().flatten().map(|(f, _)| f);
-            let current_copy =
-                state.filter(|f| Some(&f.source_sha256) == digest.as_ref() || digest.is_none());
+            let current_copy = state.filter(|f| {
+                Some(&f.source_sha256) == digest.as_ref()
+                    || digest.is_none()
+                    || f.source_sha256 == OPERATOR
+            });
             let (st, origin, rotation) = match (&current_copy, &source) {
                 (Some(f), _) if f.expired => {
                     (CredentialState::Expired, Origin::State, f.rotated_at)
@@ -644,13 +746,16 @@ mod tests {
             Path::new("/nonexistent-kgw"),
         )
         .unwrap();
-        let problems = Credentials::load_with(&config, |v| {
-            (v == "A_COOKIE").then(|| "knoq_session=x".to_string())
-        })
+        let problems = Credentials::load_with(
+            &config,
+            |v| (v == "A_COOKIE").then(|| "knoq_session=x".to_string()),
+            None,
+        )
         .unwrap_err();
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].key, "users[1].cookie_env");
-        let creds = Credentials::load_with(&config, |_| Some("knoq_session=x".into())).unwrap();
+        let creds =
+            Credentials::load_with(&config, |_| Some("knoq_session=x".into()), None).unwrap();
         assert_eq!(creds.cookie("a").unwrap(), "knoq_session=x");
         assert!(creds.cookie("nobody").is_none());
         let dbg = format!("{creds:?}");

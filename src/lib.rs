@@ -181,8 +181,16 @@ pub fn prepare_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Prepa
         Arc::new(store),
         forwarder,
         metrics,
+        None,
     )?;
-    let hygiene = gateway.hygiene.clone();
+    // The admin port also answers to the loopback names (a DNS-rebinding
+    // page cannot send those), so `credentials status` always reaches it.
+    let mut hygiene = gateway.hygiene.clone();
+    for name in ["localhost", "127.0.0.1", "[::1]"] {
+        if !hygiene.allowed_hosts.iter().any(|h| h == name) {
+            hygiene.allowed_hosts.push(name.to_string());
+        }
+    }
     let live = Arc::new(reload::Live::new(gateway, clock));
     Ok(Prepared {
         admin: Arc::new(Admin::new(live.clone(), hygiene)),
@@ -200,8 +208,13 @@ pub(crate) fn build_gateway(
     store: Arc<dyn quota::QuotaStore>,
     forwarder: Arc<forward::Forwarder>,
     metrics: Arc<metrics::Metrics>,
+    previous: Option<&Credentials>,
 ) -> Result<Gateway, ConfigError> {
-    let credentials = Credentials::load(&config).map_err(ConfigError::from)?;
+    let credentials = match previous {
+        Some(p) => Credentials::reload(&config, p),
+        None => Credentials::load(&config),
+    }
+    .map_err(ConfigError::from)?;
     Ok(Gateway {
         hygiene: HygieneRules {
             max_header_bytes: config.server.max_header_bytes,
@@ -253,6 +266,7 @@ pub async fn run(
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let stop_rx_watch = stop_rx.clone();
+    let stop_rx_probe = stop_rx.clone();
     let proxy_task = server::serve(
         proxy,
         prepared.live.clone(),
@@ -265,10 +279,11 @@ pub async fn run(
         .live
         .clone()
         .watch(prepared.config.source.clone(), stopped(stop_rx_watch));
+    let probes = prepared.live.clone().probe_loop(stopped(stop_rx_probe));
     let signal = async move {
         shutdown.await;
         live.current().forwarder.begin_drain();
         let _ = stop_tx.send(true);
     };
-    tokio::join!(proxy_task, admin_task, signal, watch);
+    tokio::join!(proxy_task, admin_task, signal, watch, probes);
 }

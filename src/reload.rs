@@ -155,12 +155,27 @@ impl Live {
             old.quotas.store(),
             forwarder,
             old.metrics.clone(),
+            Some(&old.credentials),
         )
     }
 
-    /// Reloads on SIGHUP and when the config file changes, refreshes
-    /// cookies changed on disk, and probes idle accounts, until `stop`
-    /// resolves.
+    /// Probes idle accounts (`probe` in `[[users]]`) until `stop` resolves.
+    /// Its own task, so a slow probe never delays a reload.
+    pub async fn probe_loop(self: Arc<Self>, stop: impl Future<Output = ()>) {
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                () = &mut stop => break,
+                () = tokio::time::sleep(WATCH_EVERY) => {
+                    let gateway = self.current();
+                    self.prober.run_due(&gateway).await;
+                }
+            }
+        }
+    }
+
+    /// Reloads on SIGHUP and when the config file changes, and refreshes
+    /// cookies changed on disk, until `stop` resolves.
     pub async fn watch(self: Arc<Self>, path: Option<PathBuf>, stop: impl Future<Output = ()>) {
         use tokio::signal::unix::{signal, SignalKind};
         let mut hup = signal(SignalKind::hangup()).ok();
@@ -196,9 +211,7 @@ impl Live {
                     None => tracing::warn!("no config file to reload from"),
                 }
             }
-            let gateway = self.current();
-            gateway.credentials.refresh().await;
-            self.prober.run_due(&gateway).await;
+            self.current().credentials.refresh().await;
         }
     }
 }
