@@ -54,6 +54,9 @@ enum Command {
         tls_cert: Option<PathBuf>,
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        /// Require `Origin` on reads too (the benchmark's upstream).
+        #[arg(long)]
+        require_origin: bool,
     },
     /// Start a simulated Knoq and a gateway, and print curl lines to try.
     Demo {
@@ -114,6 +117,7 @@ pub fn main() -> ExitCode {
             listen,
             tls_cert,
             tls_key,
+            require_origin,
         } => {
             init_plain_logging();
             let tls = match (tls_cert, tls_key) {
@@ -123,6 +127,7 @@ pub fn main() -> ExitCode {
             let result = runtime().block_on(crate::sim::run_standalone(
                 listen,
                 tls,
+                require_origin,
                 crate::shutdown::signal(),
             ));
             report(result.map_err(|e| e.to_string()))

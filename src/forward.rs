@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::header::{CONTENT_TYPE, RETRY_AFTER, SET_COOKIE};
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tokio::sync::Notify;
@@ -129,6 +129,7 @@ impl Forwarder {
         let mut unknown: Option<GatewayError> = None;
         let mut last: Option<Result<Response<BoxBody>, UpstreamError>> = None;
         let mut retry_reason = "";
+        let mut carried: Vec<HeaderValue> = Vec::new();
         let route = out.route.label();
         loop {
             attempt += 1;
@@ -223,27 +224,35 @@ impl Forwarder {
                         }
                     }
                     return outcome
-                        .map(|r| (r, attempt))
+                        .map(|r| (with_carried(r, carried), attempt))
                         .map_err(|e| failed_with(e, attempt));
                 }
                 Verdict::Fail => {
-                    let e = outcome.expect_err("Fail is only for transport errors");
+                    let Err(e) = outcome else {
+                        unreachable!("Fail is only for transport errors")
+                    };
                     return Err(failed_with(e, attempt));
                 }
                 Verdict::Retry { reason, after } => {
                     tracing::debug!(attempt, reason, "upstream attempt failed; may retry");
                     wait_hint = after;
                     retry_reason = reason;
-                    last = Some(outcome);
+                    // A response about to be dropped may still rotate the
+                    // cookie: keep its Set-Cookie for the final answer.
+                    if let Some(Ok(mut dropped)) = last.replace(outcome) {
+                        carried.extend(take_set_cookies(&mut dropped));
+                    }
                     if attempt >= self.retry.attempts {
                         break;
                     }
                 }
                 Verdict::Reconcile => {
-                    let err = outcome.expect_err("Reconcile is only for transport errors");
+                    let Err(err) = outcome else {
+                        unreachable!("Reconcile is only for transport errors")
+                    };
                     let timed_out = matches!(err, UpstreamError::Timeout(_));
                     let checked = match self.reconcile(out, sent_at).await {
-                        Ok(found) => return Ok((found, attempt)),
+                        Ok(found) => return Ok((with_carried(found, carried), attempt)),
                         Err(checked) => checked,
                     };
                     let error = GatewayError::OutcomeUnknown { timed_out, checked };
@@ -267,7 +276,7 @@ impl Forwarder {
             }
         }
         match last {
-            Some(Ok(rsp)) => Ok((rsp, attempt)),
+            Some(Ok(rsp)) => Ok((with_carried(rsp, carried), attempt)),
             Some(Err(e)) => Err(failed_with(e, attempt)),
             None => unreachable!("the first attempt always runs"),
         }
@@ -343,6 +352,26 @@ impl Forwarder {
             Finding::Unreadable { checked } => Err(format!("could not check {checked}")),
         }
     }
+}
+
+fn take_set_cookies(rsp: &mut Response<BoxBody>) -> Vec<HeaderValue> {
+    match rsp.headers_mut().entry(SET_COOKIE) {
+        http::header::Entry::Occupied(e) => e.remove_entry_mult().1.collect(),
+        http::header::Entry::Vacant(_) => Vec::new(),
+    }
+}
+
+/// Puts the `Set-Cookie` lines of dropped attempts before the final
+/// answer's own, so the latest rotation wins when they are applied.
+fn with_carried(mut rsp: Response<BoxBody>, carried: Vec<HeaderValue>) -> Response<BoxBody> {
+    if carried.is_empty() {
+        return rsp;
+    }
+    let own = take_set_cookies(&mut rsp);
+    for v in carried.into_iter().chain(own) {
+        rsp.headers_mut().append(SET_COOKIE, v);
+    }
+    rsp
 }
 
 fn failed_with(error: UpstreamError, attempts: u32) -> Failed {

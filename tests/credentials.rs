@@ -236,10 +236,12 @@ async fn an_edited_cookie_file_wins_over_the_stored_copy() {
     bed.shutdown().await;
 }
 
-/// Kill the gateway at arbitrary moments while Knoq rotates the cookie on
-/// every answer: the stored copy is always one whole cookie, old or new.
-#[tokio::test]
-async fn kill_9_during_rotations_never_leaves_a_torn_cookie() {
+/// Kill the gateway at arbitrary moments, with requests in flight, while
+/// Knoq rotates the cookie on every answer: the stored copy is always one
+/// whole cookie, and never older than the last rotation a client was
+/// answered after (a rotation is stored before the answer goes out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_rotations_never_leaves_a_torn_or_stale_cookie() {
     let bed = TestBed::start().await;
     let proxy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -259,7 +261,7 @@ async fn kill_9_during_rotations_never_leaves_a_torn_cookie() {
         .join("credentials")
         .join("alice.json");
     let c = client();
-    let mut generation = 0u32;
+    let generation = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
     for round in 0..6u64 {
         let mut child = Command::new(BIN)
             .args(["serve", "--config"])
@@ -274,33 +276,62 @@ async fn kill_9_during_rotations_never_leaves_a_torn_cookie() {
             async move { c.request(req("GET", &url, None, None)).await.is_ok() }
         })
         .await;
-        let token = bed.token("alice-svc").to_string();
-        let url = format!("http://{paddr}{SESSIONS}");
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(60 + round * 37);
-        while tokio::time::Instant::now() < deadline {
-            generation += 1;
-            bed.control
-                .rotate_cookie("alice", &format!("alice-gen-{generation:05}"));
-            let _ = c.request(req("GET", &url, Some(&token), None)).await;
+        // Two clients keep requests in flight; each answer follows a rotation.
+        let answered = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let mut clients = Vec::new();
+        for _ in 0..2 {
+            let (c, control, gen, answered) = (
+                c.clone(),
+                bed.control.clone(),
+                generation.clone(),
+                answered.clone(),
+            );
+            let (token, url) = (
+                bed.token("alice-svc").to_string(),
+                format!("http://{paddr}{SESSIONS}"),
+            );
+            clients.push(tokio::spawn(async move {
+                loop {
+                    let g = gen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                    control.rotate_cookie("alice", &format!("alice-gen-{g:06}"));
+                    if let Ok(r) = c.request(req("GET", &url, Some(&token), None)).await {
+                        if r.status() == 200 && !r.headers().contains_key("set-cookie") {
+                            answered.fetch_max(g, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    }
+                }
+            }));
         }
-        child.kill().unwrap();
+        tokio::time::sleep(Duration::from_millis(80 + round * 53)).await;
+        child.kill().unwrap(); // SIGKILL, mid-flight
+        let seen_before_kill = answered.load(std::sync::atomic::Ordering::SeqCst);
+        for t in &clients {
+            t.abort();
+        }
         child.wait().unwrap();
         let stored = std::fs::read(&state).expect("a stored cookie exists");
         let json: serde_json::Value =
             serde_json::from_slice(&stored).expect("the stored copy is whole JSON");
         let cookie = json["cookie"].as_str().unwrap();
-        assert!(
-            cookie.starts_with("knoq_session=alice-gen-") && cookie.ends_with("; theme=dark"),
-            "{cookie}"
-        );
-        // Make the sim accept what was stored, as Knoq would for the newest
-        // cookie it issued that the gateway kept.
         let value = cookie
             .trim_start_matches("knoq_session=")
             .trim_end_matches("; theme=dark");
+        assert!(
+            value.starts_with("alice-gen-") && cookie.ends_with("; theme=dark"),
+            "{cookie}"
+        );
+        let stored_gen: u32 = value.trim_start_matches("alice-gen-").parse().unwrap();
+        // A rotation is stored before its answer, so nothing a client saw
+        // answered can be older on disk... except a rotation issued to the
+        // other client's request, in flight at the kill: allow that one.
+        assert!(
+            stored_gen + 2 >= seen_before_kill,
+            "stored generation {stored_gen} is older than {seen_before_kill}"
+        );
+        // Knoq accepts what the gateway kept, as it would the newest cookie.
         bed.control.set_cookie("alice", value);
     }
-    assert!(generation > 6);
+    assert!(generation.load(std::sync::atomic::Ordering::SeqCst) > 6);
     bed.shutdown().await;
 }
 

@@ -48,7 +48,8 @@ fn managed(shared: &Arc<Shared>, req: &SimRequest, rest: &str) -> Reply {
     let Some(user) = shared.accounts.authenticate(&req.headers) else {
         return Reply::error(StatusCode::UNAUTHORIZED, "authentication required");
     };
-    let mutating = req.method == Method::POST || req.method == Method::DELETE;
+    let mutating =
+        req.method == Method::POST || req.method == Method::DELETE || shared.origin_on_reads;
     let reply = if mutating && req.header_str(ORIGIN) != Some(shared.origin.as_str()) {
         Reply::error(StatusCode::FORBIDDEN, "CSRF check failed")
     } else {

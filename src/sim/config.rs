@@ -36,6 +36,9 @@ pub struct SimConfig {
     pub users: Vec<SimUser>,
     /// The `Origin` POST and DELETE must carry.
     pub origin: String,
+    /// Also require `Origin` on reads (Knoq does not; the benchmark does,
+    /// so a proxy that forgets to set it shows up as errors).
+    pub origin_on_reads: bool,
     /// SCIM bearer token; `None` means the plan lacks SCIM (every SCIM call: 403).
     pub scim_token: Option<String>,
     /// How long the simulated agent takes to answer each user message.
@@ -103,6 +106,7 @@ impl Default for SimConfig {
         Self {
             users: vec![SimUser::new(DEMO_USER, DEMO_COOKIE)],
             origin: KNOQ_ORIGIN.to_string(),
+            origin_on_reads: false,
             scim_token: None,
             agent_delay: DEFAULT_AGENT_DELAY,
             limits: SimLimits::knoq(),

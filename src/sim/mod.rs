@@ -170,11 +170,13 @@ impl Drop for SimHandle {
 pub async fn run_standalone(
     listen: SocketAddr,
     tls: SimTls,
+    origin_on_reads: bool,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let listener = TcpListener::bind(listen).await?;
     let config = SimConfig {
         tls,
+        origin_on_reads,
         ..SimConfig::default()
     };
     let handle = SimKnoq::start(config, listener).await?;

@@ -24,6 +24,7 @@ pub(super) const DEFAULT_PAGE_SIZE: usize = 100;
 pub(super) struct Shared {
     /// `Origin` required on POST and DELETE.
     pub(super) origin: String,
+    pub(super) origin_on_reads: bool,
     /// SCIM bearer token; `None`: SCIM answers 403.
     pub(super) scim_token: Option<String>,
     /// PEM of the self-signed certificate, served at `/_sim/ca`.
@@ -59,6 +60,7 @@ impl Shared {
     ) -> std::io::Result<Self> {
         Ok(Self {
             origin: config.origin.clone(),
+            origin_on_reads: config.origin_on_reads,
             scim_token: config.scim_token.clone(),
             ca_pem,
             accounts: Accounts::new(&config.users, config.limits.clone())?,
