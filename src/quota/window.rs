@@ -153,7 +153,14 @@ impl Ledger {
         match self {
             Ledger::Sliding(hits) => {
                 hits.push_back(now);
-                while hits.len() > w.limit as usize {
+                // Keep only what can still count: at most `limit` entries,
+                // none older than the window (so a generous limit costs
+                // memory in proportion to the actual rate, not the limit).
+                let span = match w.period {
+                    Period::Sliding(p) => p + margin,
+                    Period::Month => u64::MAX,
+                };
+                while hits.len() > w.limit as usize || hits.front().is_some_and(|t| t + span <= now) {
                     hits.pop_front();
                 }
             }
