@@ -98,10 +98,12 @@ def children(pid):
     return [pid] + [int(p) for p in out]
 
 
-def upstream_conns(port):
-    out = subprocess.run(["ss", "-Htn", "state", "established", f"( dport = :{port} )"],
+def upstream_conns(port, pids):
+    """Established connections to the upstream owned by the given processes."""
+    out = subprocess.run(["ss", "-Htnp", "state", "established", f"( dport = :{port} )"],
                          capture_output=True, text=True).stdout
-    return len([l for l in out.splitlines() if l.strip()])
+    own = {f"pid={p}," for p in pids}
+    return len([l for l in out.splitlines() if any(o in l for o in own)])
 
 
 class Bed:
@@ -244,7 +246,9 @@ def oha(url, headers, seconds, rate):
     j = json.loads(out)
     pct = j["latencyPercentiles"]
     codes = j.get("statusCodeDistribution", {})
-    bad = sum(v for k, v in codes.items() if not k.startswith("2")) + sum(j.get("errorDistribution", {}).values())
+    # Requests still open when the run's time is up are cut by oha itself.
+    errs = {k: v for k, v in j.get("errorDistribution", {}).items() if "deadline" not in k}
+    bad = sum(v for k, v in codes.items() if not k.startswith("2")) + sum(errs.values())
     return pct["p50"] * 1000, pct["p99"] * 1000, pct["p99.9"] * 1000, bad
 
 
@@ -270,7 +274,7 @@ def measure(name, url, headers, pids, up_pids, up_port, a, idle_port=None):
     import threading
     def sample():
         while time.time() - start < a.seconds - 1:
-            conns_seen.append(upstream_conns(up_port))
+            conns_seen.append(upstream_conns(up_port, pids))
             time.sleep(1)
     t = threading.Thread(target=sample)
     t.start()
@@ -281,7 +285,7 @@ def measure(name, url, headers, pids, up_pids, up_port, a, idle_port=None):
     result["cpu_us"] = (c1 - c0) / TICK * 1e6 / max(total, 1)
     result["upstream_cpu_us"] = (u1 - u0) / TICK * 1e6 / max(total, 1)
     result["errors"] = errs
-    result["upstream_conns"] = max(conns_seen) if conns_seen else upstream_conns(up_port)
+    result["upstream_conns"] = max(conns_seen) if conns_seen else upstream_conns(up_port, pids)
     p50, p99, p999, bad = oha(url, headers, a.seconds, a.rate)
     result.update(p50=p50, p99=p99, p999=p999)
     result["errors"] += bad

@@ -160,7 +160,8 @@ impl Ledger {
                     Period::Sliding(p) => p + margin,
                     Period::Month => u64::MAX,
                 };
-                while hits.len() > w.limit as usize || hits.front().is_some_and(|t| t + span <= now) {
+                while hits.len() > w.limit as usize || hits.front().is_some_and(|t| t + span <= now)
+                {
                     hits.pop_front();
                 }
             }
