@@ -243,17 +243,8 @@ async fn an_edited_cookie_file_wins_over_the_stored_copy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_rotations_never_leaves_a_torn_or_stale_cookie() {
     let bed = TestBed::start().await;
-    let proxy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let (paddr, aaddr) = (proxy.local_addr().unwrap(), admin.local_addr().unwrap());
-    drop((proxy, admin));
-    let text = bed
-        .config_text
-        .replace(&bed.addr.to_string(), &paddr.to_string())
-        .replace(&bed.admin.to_string(), &aaddr.to_string())
-        .replace("dir = \"state\"", "dir = \"state-kill\"");
-    let config = bed.dir.0.join("kill.toml");
-    std::fs::write(&config, text).unwrap();
+    let gw = bed.process_config("kill.toml", Some("state-kill"));
+    let paddr = gw.proxy;
     let state = bed
         .dir
         .0
@@ -263,19 +254,8 @@ async fn kill_9_during_rotations_never_leaves_a_torn_or_stale_cookie() {
     let c = client();
     let generation = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
     for round in 0..6u64 {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        eventually("the gateway process is up", Duration::from_secs(10), || {
-            let c = c.clone();
-            let url = format!("http://{aaddr}/healthz");
-            async move { c.request(req("GET", &url, None, None)).await.is_ok() }
-        })
-        .await;
+        let mut child = gw.spawn(Stdio::null());
+        gw.wait_healthy(&c).await;
         // Two clients keep requests in flight; each answer follows a rotation.
         let answered = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
         let mut clients = Vec::new();

@@ -260,19 +260,10 @@ async fn serve_exits_non_zero_on_a_busy_port_and_on_a_bad_config() {
 async fn no_secret_appears_in_logs_at_trace_level() {
     let bed = TestBed::start().await;
     // A second gateway process on fresh ports, same secrets and upstream.
-    let proxy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let (paddr, aaddr) = (proxy.local_addr().unwrap(), admin.local_addr().unwrap());
-    drop((proxy, admin));
-    let text = bed
-        .config_text
-        .replace(&bed.addr.to_string(), &paddr.to_string())
-        .replace(&bed.admin.to_string(), &aaddr.to_string());
-    let config = bed.dir.0.join("trace.toml");
-    std::fs::write(&config, text).unwrap();
+    let gw = bed.process_config("trace.toml", None);
     let mut child = Command::new(BIN)
         .args(["serve", "--config"])
-        .arg(&config)
+        .arg(&gw.config)
         .env("RUST_LOG", "trace")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -287,13 +278,8 @@ async fn no_secret_appears_in_logs_at_trace_level() {
     });
 
     let c = client();
-    let base = format!("http://{paddr}");
-    eventually("the gateway process is up", Duration::from_secs(10), || {
-        let c = c.clone();
-        let url = format!("http://{aaddr}/healthz");
-        async move { c.request(req("GET", &url, None, None)).await.is_ok() }
-    })
-    .await;
+    let base = format!("http://{}", gw.proxy);
+    gw.wait_healthy(&c).await;
     bed.control
         .set_cookie_header("alice", "knoq_extra=ROTATEDSECRET; Path=/");
     let alice = bed.token("alice-svc");

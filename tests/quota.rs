@@ -275,29 +275,11 @@ async fn consumed_quota_survives_kill_9() {
     .start()
     .await;
     let sid = open_session(&bed, bed.token("alice-svc")).await;
-    let (config, paddr, aaddr) = second_config(&bed, "kill9.toml");
-    let state_dir = bed.dir.0.join("state-kill9");
-    std::fs::write(
-        &config,
-        std::fs::read_to_string(&config).unwrap().replace(
-            "dir = \"state\"",
-            &format!("dir = \"{}\"", state_dir.display()),
-        ),
-    )
-    .unwrap();
-    let spawn = || {
-        Command::new(env!("CARGO_BIN_EXE_knoq-gateway"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let gw = bed.process_config("kill9.toml", Some("state-kill9"));
     let c = client();
-    let mut child = spawn();
-    wait_healthy(&c, aaddr).await;
-    let base = format!("http://{paddr}");
+    let mut child = gw.spawn(Stdio::null());
+    gw.wait_healthy(&c).await;
+    let base = format!("http://{}", gw.proxy);
     for i in 0..4 {
         let r = send(
             &c,
@@ -313,8 +295,8 @@ async fn consumed_quota_survives_kill_9() {
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    let mut child = spawn();
-    wait_healthy(&c, aaddr).await;
+    let mut child = gw.spawn(Stdio::null());
+    gw.wait_healthy(&c).await;
     let r = send(
         &c,
         req(
@@ -330,37 +312,6 @@ async fn consumed_quota_survives_kill_9() {
     child.wait().unwrap();
     assert_eq!(bed.control.user_messages(&sid).len(), 1 + 4);
     bed.shutdown().await;
-}
-
-/// A config for a second gateway process: same secrets and upstream, fresh ports.
-fn second_config(
-    bed: &TestBed,
-    name: &str,
-) -> (
-    std::path::PathBuf,
-    std::net::SocketAddr,
-    std::net::SocketAddr,
-) {
-    let proxy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let (paddr, aaddr) = (proxy.local_addr().unwrap(), admin.local_addr().unwrap());
-    drop((proxy, admin));
-    let text = bed
-        .config_text
-        .replace(&bed.addr.to_string(), &paddr.to_string())
-        .replace(&bed.admin.to_string(), &aaddr.to_string());
-    let path = bed.dir.0.join(name);
-    std::fs::write(&path, text).unwrap();
-    (path, paddr, aaddr)
-}
-
-async fn wait_healthy(c: &PlainClient, admin: std::net::SocketAddr) {
-    eventually("the gateway process is up", Duration::from_secs(10), || {
-        let c = c.clone();
-        let url = format!("http://{admin}/healthz");
-        async move { c.request(req("GET", &url, None, None)).await.is_ok() }
-    })
-    .await;
 }
 
 #[tokio::test]

@@ -222,31 +222,15 @@ async fn quota_state_survives_a_reload_for_users_that_still_exist() {
 #[tokio::test]
 async fn sighup_reloads_and_does_not_stop_the_process() {
     let bed = TestBed::start().await;
-    let proxy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let (paddr, aaddr) = (proxy.local_addr().unwrap(), admin.local_addr().unwrap());
-    drop((proxy, admin));
-    let text = bed
-        .config_text
-        .replace(&bed.addr.to_string(), &paddr.to_string())
-        .replace(&bed.admin.to_string(), &aaddr.to_string());
-    let config = bed.dir.0.join("hup.toml");
-    std::fs::write(&config, &text).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_knoq-gateway"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let gw = bed.process_config("hup.toml", None);
+    let (config, text) = (
+        gw.config.clone(),
+        std::fs::read_to_string(&gw.config).unwrap(),
+    );
+    let mut child = gw.spawn(Stdio::piped());
     let c = client();
-    let health = format!("http://{aaddr}/healthz");
-    eventually("the gateway process is up", Duration::from_secs(10), || {
-        let (c, url) = (c.clone(), health.clone());
-        async move { c.request(req("GET", &url, None, None)).await.is_ok() }
-    })
-    .await;
-    let url = format!("http://{paddr}{SESSIONS}");
+    gw.wait_healthy(&c).await;
+    let url = format!("http://{}{SESSIONS}", gw.proxy);
     assert_eq!(
         send(&c, req("GET", &url, Some(bed.token("bob-svc")), None))
             .await

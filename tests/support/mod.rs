@@ -335,3 +335,57 @@ pub fn config_path(bed: &TestBed) -> PathBuf {
 pub fn exists(p: &Path) -> bool {
     p.exists()
 }
+
+/// A second gateway, as a real process: the bed's config with fresh ports
+/// (and, if given, its own state directory).
+pub struct Process {
+    pub config: PathBuf,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl TestBed {
+    pub fn process_config(&self, name: &str, state_dir: Option<&str>) -> Process {
+        let proxy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (paddr, aaddr) = (proxy.local_addr().unwrap(), admin.local_addr().unwrap());
+        drop((proxy, admin));
+        let mut text = self
+            .config_text
+            .replace(&self.addr.to_string(), &paddr.to_string())
+            .replace(&self.admin.to_string(), &aaddr.to_string());
+        if let Some(dir) = state_dir {
+            text = text.replace("dir = \"state\"", &format!("dir = \"{dir}\""));
+        }
+        let config = self.dir.0.join(name);
+        std::fs::write(&config, text).unwrap();
+        Process {
+            config,
+            proxy: paddr,
+            admin: aaddr,
+        }
+    }
+}
+
+impl Process {
+    /// Starts `knoq-gateway serve` on this config.
+    pub fn spawn(&self, stderr: std::process::Stdio) -> std::process::Child {
+        std::process::Command::new(env!("CARGO_BIN_EXE_knoq-gateway"))
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap()
+    }
+
+    /// Waits until the process answers on its admin port.
+    pub async fn wait_healthy(&self, c: &PlainClient) {
+        let url = format!("http://{}/healthz", self.admin);
+        eventually("the gateway process is up", Duration::from_secs(10), || {
+            let (c, url) = (c.clone(), url.clone());
+            async move { c.request(req("GET", &url, None, None)).await.is_ok() }
+        })
+        .await;
+    }
+}
