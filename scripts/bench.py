@@ -155,7 +155,7 @@ def setup(bed, tmp):
     return up, path, len(body)
 
 
-def gateway_config(tmp, up, log_level, read_quota):
+def gateway_config(tmp, up, log_level, read_quota, http2="true"):
     users, tokens = [], []
     token0 = None
     for u in range(50):
@@ -174,6 +174,7 @@ listen = "127.0.0.1:{admin}"
 [upstream]
 url = "https://127.0.0.1:{up}"
 ca_file = "ca.pem"
+http2 = {http2}
 [state]
 dir = "state"
 [log]
@@ -311,6 +312,7 @@ def main():
     ap.add_argument("--gateway-log", default="info", help="gateway log level (default info, as shipped)")
     ap.add_argument("--read-quota", default="100000/sec", help='gateway read quota window, or "" for none')
     ap.add_argument("--only", default="", help="comma-separated targets to run")
+    ap.add_argument("--upstream-http2", default="true", help="gateway's upstream.http2 (true/false)")
     a = ap.parse_args()
     ensure_tools()
     sh(["cargo", "build", "--release", "--quiet"], cwd=ROOT)
@@ -320,7 +322,7 @@ def main():
     try:
         up, path, body_len = setup(bed, tmp)
         up_pid = bed.procs[0].pid
-        gw_cfg, gw_port, token = gateway_config(tmp, up, a.gateway_log, a.read_quota)
+        gw_cfg, gw_port, token = gateway_config(tmp, up, a.gateway_log, a.read_quota, a.upstream_http2)
         gw = bed.start([BIN, "serve", "--config", gw_cfg], 0)
         wait_port(gw_port)
         ng_conf, ng_port = nginx_config(tmp, up, token)

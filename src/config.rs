@@ -122,6 +122,7 @@ struct RawUpstream {
     timeout: Option<String>,
     pool_idle_timeout: Option<String>,
     pool_max_idle: Option<usize>,
+    http2: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -314,6 +315,8 @@ pub struct UpstreamConfig {
     pub timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle: usize,
+    /// Offer HTTP/2 by ALPN (else HTTP/1.1 only, with a connection pool).
+    pub http2: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -1025,6 +1028,7 @@ impl RawUpstream {
                 DEFAULT_POOL_IDLE_TIMEOUT,
             ),
             pool_max_idle,
+            http2: self.http2.unwrap_or(true),
         }
     }
 }
