@@ -149,14 +149,14 @@ impl Gateway {
             .record_request(ctx.route, &method, rsp.status(), user, token, seconds);
         tracing::info!(
             request_id = ctx.request_id.to_str().unwrap_or("-"),
-            method = %method,
+            method = method.as_str(),
             route = ctx.route.map_or("-", Route::label),
             user,
             token,
             status = rsp.status().as_u16(),
-            upstream_status = ctx.upstream_status.map(|s| s.as_u16()),
+            upstream_status = ctx.upstream_status.map_or(0, |s| s.as_u16()),
             attempts = ctx.attempts,
-            duration_ms = seconds * 1000.0,
+            duration_us = (seconds * 1e6) as u64,
             "request"
         );
         rsp
