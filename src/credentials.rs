@@ -105,6 +105,8 @@ struct Status {
     from_state: bool,
     /// Identity of the state file we last read or wrote.
     state_mtime: Option<Stamp>,
+    /// Digest of a cookie_file version already reported as unusable.
+    rejected_source: Option<String>,
     source_sha256: String,
 }
 
@@ -440,7 +442,12 @@ impl Credentials {
                                 tracing::info!(user = %cred.name, "cookie_file changed; using the new cookie");
                             }
                             Err(e) => {
-                                tracing::warn!(user = %cred.name, error = %e, "cookie_file changed but holds no usable cookie; keeping the current one")
+                                // Once per bad version of the file, not every tick.
+                                let mut s = cred.status();
+                                if s.rejected_source.as_deref() != Some(digest.as_str()) {
+                                    s.rejected_source = Some(digest);
+                                    tracing::warn!(user = %cred.name, error = %e, "cookie_file changed but holds no usable cookie; keeping the current one")
+                                }
                             }
                         }
                     }

@@ -149,14 +149,16 @@ impl Live {
                 old.metrics.clone(),
             ))
         };
-        crate::build_gateway(
+        let mut gateway = crate::build_gateway(
             Arc::new(config),
             self.clock.clone(),
             old.quotas.store(),
             forwarder,
             old.metrics.clone(),
             Some(&old.credentials),
-        )
+        )?;
+        gateway.quotas = gateway.quotas.keep_queues_of(&old.quotas);
+        Ok(gateway)
     }
 
     /// Probes idle accounts (`probe` in `[[users]]`) until `stop` resolves.

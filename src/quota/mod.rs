@@ -244,7 +244,7 @@ pub struct Quotas {
     on_limit: OnLimit,
     max_wait: Duration,
     /// With `on_limit = "wait"`: one fair queue per token and bucket.
-    queues: DashMap<Box<str>, [Arc<Semaphore>; 4]>,
+    queues: Arc<DashMap<Box<str>, [Arc<Semaphore>; 4]>>,
 }
 
 impl fmt::Debug for Quotas {
@@ -270,13 +270,20 @@ impl Quotas {
             clock,
             on_limit: config.on_limit,
             max_wait: config.max_wait,
-            queues: DashMap::new(),
+            queues: Arc::new(DashMap::new()),
         }
     }
 
     /// Which windows apply to whom.
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    /// Keeps the wait queues of `previous` (a reload), so requests waiting
+    /// in line keep their place and new ones queue behind them.
+    pub fn keep_queues_of(mut self, previous: &Quotas) -> Self {
+        self.queues = previous.queues.clone();
+        self
     }
 
     /// The state store, to share with the gateway a reload builds.
