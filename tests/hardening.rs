@@ -295,19 +295,9 @@ async fn a_slow_headers_client_is_cut_off_without_slowing_others() {
         .await
         .unwrap();
 
-    // Meanwhile, a normal client is served at once, several times.
-    let c = client();
+    // Meanwhile, normal requests are served at once, several times.
     for _ in 0..5 {
-        let r = send(
-            &c,
-            req(
-                "GET",
-                &bed.url(SESSIONS),
-                Some(bed.token("alice-svc")),
-                None,
-            ),
-        )
-        .await;
+        let r = bed.get(SESSIONS, "alice-svc").await;
         assert_eq!(r.status, 200);
     }
     // The slow client's connection is closed by the gateway.
@@ -366,16 +356,7 @@ async fn upstream_failures_are_json_502_and_504() {
     }
     .start()
     .await;
-    let r = send(
-        &client(),
-        req(
-            "GET",
-            &bed.url(SESSIONS),
-            Some(bed.token("alice-svc")),
-            None,
-        ),
-    )
-    .await;
+    let r = bed.get(SESSIONS, "alice-svc").await;
     assert_eq!(r.status, 502);
     assert_eq!(r.json()["code"], "upstream_unreachable");
     bed.shutdown().await;
@@ -387,16 +368,7 @@ async fn upstream_failures_are_json_502_and_504() {
     }
     .start()
     .await;
-    let r = send(
-        &client(),
-        req(
-            "GET",
-            &bed.url(SESSIONS),
-            Some(bed.token("alice-svc")),
-            None,
-        ),
-    )
-    .await;
+    let r = bed.get(SESSIONS, "alice-svc").await;
     assert_eq!(r.status, 502);
     assert_eq!(r.json()["code"], "upstream_tls");
     assert!(bed.control.requests().is_empty());
@@ -413,31 +385,13 @@ async fn upstream_failures_are_json_502_and_504() {
     .await;
     bed.control
         .fail_next(SimRoute::SessionsList, vec![Fault::Hang]);
-    let r = send(
-        &client(),
-        req(
-            "GET",
-            &bed.url(SESSIONS),
-            Some(bed.token("alice-svc")),
-            None,
-        ),
-    )
-    .await;
+    let r = bed.get(SESSIONS, "alice-svc").await;
     assert_eq!(r.status, 504);
     assert_eq!(r.json()["code"], "upstream_timeout");
     // A reset after Knoq applied the request: the client is told it may have.
     bed.control
         .fail_next(SimRoute::SessionsList, vec![Fault::ApplyThenReset]);
-    let r = send(
-        &client(),
-        req(
-            "GET",
-            &bed.url(SESSIONS),
-            Some(bed.token("alice-svc")),
-            None,
-        ),
-    )
-    .await;
+    let r = bed.get(SESSIONS, "alice-svc").await;
     assert_eq!(r.status, 502);
     assert_eq!(r.json()["code"], "upstream_reset");
     assert!(r.json()["error"]
@@ -447,16 +401,7 @@ async fn upstream_failures_are_json_502_and_504() {
     // Knoq's own failures pass through untouched.
     bed.control
         .fail_next(SimRoute::SessionsList, vec![Fault::status(503)]);
-    let r = send(
-        &client(),
-        req(
-            "GET",
-            &bed.url(SESSIONS),
-            Some(bed.token("alice-svc")),
-            None,
-        ),
-    )
-    .await;
+    let r = bed.get(SESSIONS, "alice-svc").await;
     assert_eq!(r.status, 503);
     assert!(r.json().get("code").is_none(), "Knoq's body, not ours");
     bed.shutdown().await;
@@ -548,16 +493,7 @@ async fn an_upstream_redirect_is_passed_through_not_followed() {
     let bed = TestBed::start().await;
     bed.control
         .fail_next(SimRoute::SessionsList, vec![Fault::status(302)]);
-    let r = send(
-        &client(),
-        req(
-            "GET",
-            &bed.url(SESSIONS),
-            Some(bed.token("alice-svc")),
-            None,
-        ),
-    )
-    .await;
+    let r = bed.get(SESSIONS, "alice-svc").await;
     assert_eq!(r.status, 302);
     assert_eq!(
         bed.control.requests().len(),

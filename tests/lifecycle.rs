@@ -73,16 +73,7 @@ async fn admin_port_reports_health_and_readiness_as_json() {
     assert_eq!(other.status, 404);
     assert!(other.json()["error"].is_string());
     // The clients' port does not serve admin endpoints.
-    let r = send(
-        &c,
-        req(
-            "GET",
-            &bed.url("/healthz"),
-            Some(bed.token("alice-svc")),
-            None,
-        ),
-    )
-    .await;
+    let r = bed.get("/healthz", "alice-svc").await;
     assert_eq!(r.status, 404);
     bed.shutdown().await;
 }

@@ -78,16 +78,7 @@ async fn traffic_shows_up_in_the_documented_series() {
     )
     .await;
     bed.control.expire_cookie("bob");
-    send(
-        &c,
-        req(
-            "GET",
-            &bed.url("/api/managed-agents/sessions"),
-            Some(bed.token("bob-svc")),
-            None,
-        ),
-    )
-    .await;
+    bed.get("/api/managed-agents/sessions", "bob-svc").await;
 
     let text = scrape(&bed).await;
     for line in [
@@ -130,16 +121,7 @@ async fn a_flood_of_random_requests_keeps_the_series_bounded() {
     let bed = TestBed::start().await;
     let c = client();
     // Warm up so every per-route series that legitimate traffic creates exists.
-    send(
-        &c,
-        req(
-            "GET",
-            &bed.url("/api/managed-agents/sessions"),
-            Some(bed.token("alice-svc")),
-            None,
-        ),
-    )
-    .await;
+    bed.get("/api/managed-agents/sessions", "alice-svc").await;
     let before = series(&scrape(&bed).await).len();
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let mut next = || {

@@ -290,16 +290,7 @@ async fn every_dashboard_and_alert_expression_works_against_real_prometheus() {
         tokio::time::sleep(Duration::from_millis(700)).await;
     }
     bed.control.expire_cookie("bob");
-    send(
-        &c,
-        req(
-            "GET",
-            &bed.url("/api/managed-agents/sessions"),
-            Some(bed.token("bob-svc")),
-            None,
-        ),
-    )
-    .await;
+    bed.get("/api/managed-agents/sessions", "bob-svc").await;
     // Let a few more scrapes land.
     let until = query(&c, &prom, "time()").await["data"]["result"][1]
         .as_str()

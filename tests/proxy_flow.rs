@@ -136,16 +136,7 @@ async fn every_route_answers_as_knoq_does() {
     assert!(bad.json().get("code").is_none(), "not a gateway error");
 
     // Sessions are scoped to the token's user: bob sees none of alice's.
-    let bobs = send(
-        &c,
-        req(
-            "GET",
-            &bed.url(&format!("{MANAGED}/sessions")),
-            Some(bed.token("bob-svc")),
-            None,
-        ),
-    )
-    .await;
+    let bobs = bed.get(&format!("{MANAGED}/sessions"), "bob-svc").await;
     assert_eq!(bobs.json()["sessions"].as_array().unwrap().len(), 0);
     bed.shutdown().await;
 }
@@ -226,16 +217,7 @@ async fn naming_cookie_or_origin_in_connection_cannot_strip_them() {
 async fn set_cookie_never_reaches_the_client() {
     let bed = TestBed::start().await;
     bed.control.set_cookie_header("alice", "other=1; Path=/");
-    let r = send(
-        &client(),
-        req(
-            "GET",
-            &bed.url(&format!("{MANAGED}/sessions")),
-            Some(bed.token("alice-svc")),
-            None,
-        ),
-    )
-    .await;
+    let r = bed.get(&format!("{MANAGED}/sessions"), "alice-svc").await;
     assert_eq!(r.status, 200);
     assert!(!r.headers.contains_key("set-cookie"), "{:?}", r.headers);
     // Knoq did send one: the gateway removed it.
@@ -270,31 +252,12 @@ async fn http2_clients_work() {
 #[tokio::test]
 async fn scim_is_for_scim_tokens_only_and_uses_the_scim_bearer() {
     let bed = TestBed::start().await;
-    let c = client();
-    let denied = send(
-        &c,
-        req(
-            "GET",
-            &bed.url("/api/scim/v2/Users"),
-            Some(bed.token("alice-svc")),
-            None,
-        ),
-    )
-    .await;
+    let denied = bed.get("/api/scim/v2/Users", "alice-svc").await;
     assert_eq!(denied.status, 403);
     assert_eq!(denied.json()["code"], "forbidden");
     assert!(bed.control.requests().is_empty(), "refused before Knoq");
 
-    let ok = send(
-        &c,
-        req(
-            "GET",
-            &bed.url("/api/scim/v2/Users"),
-            Some(bed.token("idp-sync")),
-            None,
-        ),
-    )
-    .await;
+    let ok = bed.get("/api/scim/v2/Users", "idp-sync").await;
     assert_eq!(ok.status, 200, "{:?}", ok.body);
     let seen = bed.control.requests();
     assert_eq!(

@@ -176,16 +176,7 @@ async fn admitted_responses_carry_ratelimit_headers_for_the_tightest_window() {
     .await;
     assert_eq!(r.status, 200);
     // Reads are not governed by default: no headers.
-    let r = send(
-        &c,
-        req(
-            "GET",
-            &bed.url("/api/managed-agents/sessions"),
-            Some(bed.token("alice-svc")),
-            None,
-        ),
-    )
-    .await;
+    let r = bed.get("/api/managed-agents/sessions", "alice-svc").await;
     assert!(!r.headers.contains_key("ratelimit"));
     bed.shutdown().await;
 }
@@ -359,16 +350,7 @@ async fn knoqs_own_429_passes_through_and_holds_the_bucket() {
     assert!((1..=2).contains(&retry));
     assert_eq!(bed.control.requests().len(), seen, "not sent to Knoq");
     // Other buckets and other users are unaffected.
-    let r = send(
-        &c,
-        req(
-            "GET",
-            &bed.url("/api/managed-agents/sessions"),
-            Some(bed.token("alice-svc")),
-            None,
-        ),
-    )
-    .await;
+    let r = bed.get("/api/managed-agents/sessions", "alice-svc").await;
     assert_eq!(r.status, 200);
     // After Knoq's Retry-After the bucket opens again.
     let control = bed.control.clone();

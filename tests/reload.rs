@@ -80,20 +80,7 @@ async fn a_removed_token_is_refused_after_reload_while_its_request_in_flight_com
         200,
         "the request it started still completed"
     );
-    assert_eq!(
-        send(
-            &c,
-            req(
-                "GET",
-                &bed.url(SESSIONS),
-                Some(bed.token("alice-svc")),
-                None
-            )
-        )
-        .await
-        .status,
-        200
-    );
+    assert_eq!(bed.get(SESSIONS, "alice-svc").await.status, 200);
     bed.shutdown().await;
 }
 
@@ -125,20 +112,7 @@ async fn an_invalid_config_is_rejected_whole_and_reported_by_readyz() {
         ready.body
     );
     // The old configuration is still in force.
-    assert_eq!(
-        send(
-            &c,
-            req(
-                "GET",
-                &bed.url(SESSIONS),
-                Some(bed.token("alice-svc")),
-                None
-            )
-        )
-        .await
-        .status,
-        200
-    );
+    assert_eq!(bed.get(SESSIONS, "alice-svc").await.status, 200);
     // Fixing the file clears the report.
     rewrite(&bed, &bed.config_text);
     eventually("the fixed config is loaded", Duration::from_secs(5), || {
@@ -159,20 +133,7 @@ async fn quota_state_survives_a_reload_for_users_that_still_exist() {
     .await;
     let c = client();
     for _ in 0..2 {
-        assert_eq!(
-            send(
-                &c,
-                req(
-                    "GET",
-                    &bed.url(SESSIONS),
-                    Some(bed.token("alice-svc")),
-                    None
-                )
-            )
-            .await
-            .status,
-            200
-        );
+        assert_eq!(bed.get(SESSIONS, "alice-svc").await.status, 200);
     }
     // A reload that changes something else (a new limit for cancels).
     let text = bed.config_text.replace(
@@ -201,16 +162,7 @@ async fn quota_state_survives_a_reload_for_users_that_still_exist() {
         }
     })
     .await;
-    let r = send(
-        &c,
-        req(
-            "GET",
-            &bed.url(SESSIONS),
-            Some(bed.token("alice-batch")),
-            None,
-        ),
-    )
-    .await;
+    let r = bed.get(SESSIONS, "alice-batch").await;
     assert_eq!(r.status, 429, "alice's consumed reads were kept");
     assert_eq!(
         send(&c, req("GET", &ready_url, None, None)).await.status,

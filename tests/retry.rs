@@ -73,16 +73,7 @@ async fn two_502s_then_success_is_a_200_after_three_attempts() {
         SimRoute::SessionsList,
         vec![Fault::status(502), Fault::status(502)],
     );
-    let r = send(
-        &client(),
-        req(
-            "GET",
-            &bed.url(SESSIONS),
-            Some(bed.token("alice-svc")),
-            None,
-        ),
-    )
-    .await;
+    let r = bed.get(SESSIONS, "alice-svc").await;
     assert_eq!(r.status, 200);
     assert_eq!(attempts(&r), 3);
     assert_eq!(bed.control.requests().len(), 3);
@@ -94,16 +85,7 @@ async fn a_persistent_502_ends_after_the_attempts_with_knoqs_own_answer() {
     let bed = fast("attempts = 3\n").start().await;
     bed.control
         .fail_next(SimRoute::SessionsList, vec![Fault::status(502); 5]);
-    let r = send(
-        &client(),
-        req(
-            "GET",
-            &bed.url(SESSIONS),
-            Some(bed.token("alice-svc")),
-            None,
-        ),
-    )
-    .await;
+    let r = bed.get(SESSIONS, "alice-svc").await;
     assert_eq!(r.status, 502);
     assert_eq!(attempts(&r), 3);
     assert!(r.json()["error"].is_string());
@@ -120,16 +102,7 @@ async fn a_503_retry_after_is_honoured_when_it_fits_the_deadline() {
         vec![Fault::status_retry_after(503, 1)],
     );
     let started = tokio::time::Instant::now();
-    let r = send(
-        &client(),
-        req(
-            "GET",
-            &bed.url(SESSIONS),
-            Some(bed.token("alice-svc")),
-            None,
-        ),
-    )
-    .await;
+    let r = bed.get(SESSIONS, "alice-svc").await;
     assert_eq!((r.status.as_u16(), attempts(&r)), (200, 2));
     assert!(
         started.elapsed() >= Duration::from_millis(950),
@@ -144,16 +117,7 @@ async fn a_503_retry_after_is_honoured_when_it_fits_the_deadline() {
         SimRoute::SessionsList,
         vec![Fault::status_retry_after(503, 5)],
     );
-    let r = send(
-        &client(),
-        req(
-            "GET",
-            &bed.url(SESSIONS),
-            Some(bed.token("alice-svc")),
-            None,
-        ),
-    )
-    .await;
+    let r = bed.get(SESSIONS, "alice-svc").await;
     assert_eq!((r.status.as_u16(), attempts(&r)), (503, 1));
     assert_eq!(r.headers["retry-after"], "5");
     bed.shutdown().await;
@@ -272,16 +236,9 @@ async fn reads_are_retried_after_a_reset_and_connect_refused_is_reported() {
     let bed = fast("").start().await;
     bed.control
         .fail_next(SimRoute::Transcript, vec![Fault::Reset]);
-    let r = send(
-        &client(),
-        req(
-            "GET",
-            &bed.url("/api/managed-agents/transcript?sessionId=nope"),
-            Some(bed.token("alice-svc")),
-            None,
-        ),
-    )
-    .await;
+    let r = bed
+        .get("/api/managed-agents/transcript?sessionId=nope", "alice-svc")
+        .await;
     assert_eq!((r.status.as_u16(), attempts(&r)), (404, 2));
     bed.shutdown().await;
 

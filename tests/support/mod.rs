@@ -248,6 +248,17 @@ impl TestBed {
 
 // === HTTP helpers ===
 
+impl TestBed {
+    /// `GET path` through the gateway with the named token.
+    pub async fn get(&self, path: &str, token: &str) -> Reply {
+        send(
+            &client(),
+            req("GET", &self.url(path), Some(self.token(token)), None),
+        )
+        .await
+    }
+}
+
 pub type PlainClient = Client<HttpConnector, Full<Bytes>>;
 
 pub fn client() -> PlainClient {
