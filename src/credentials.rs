@@ -355,30 +355,43 @@ impl Credentials {
 
     /// If the state file was replaced by someone else (`credentials set`)
     /// since we last read or wrote it, takes its cookie. `true` if it did.
-    /// Called with the user's writer lock held.
+    /// A copy that does not apply, or cannot be used, is noted (and
+    /// reported once) so it is not read again until it changes. Called
+    /// with the user's writer lock held.
     fn adopt_if_replaced(&self, cred: &UserCredential) -> bool {
         let path = state_path(&self.state_dir, &cred.name);
         let now = stamp(&path);
         if now.is_none() || now == cred.status().state_mtime {
             return false;
         }
-        let Ok(Some((file, _))) = read_state(&self.state_dir, &cred.name) else {
-            return false;
+        cred.status().state_mtime = now;
+        let file = match read_state(&self.state_dir, &cred.name) {
+            Ok(Some((file, _))) => file,
+            Ok(None) => return false,
+            Err(e) => {
+                tracing::warn!(user = %cred.name, error = %e, "cannot read the stored cookie; keeping the current one");
+                return false;
+            }
         };
         let digest = cred.status().source_sha256.clone();
         if file.source_sha256 != digest && file.source_sha256 != OPERATOR {
-            cred.status().state_mtime = now;
             return false;
         }
-        let Ok(cookie) = parse_cookie(&file.cookie) else {
-            return false;
+        let cookie = match parse_cookie(&file.cookie) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(user = %cred.name, error = %e, "the stored cookie is unusable; keeping the current one");
+                return false;
+            }
         };
         cred.publish(cookie);
         let mut s = cred.status();
+        if s.expired && !file.expired {
+            tracing::info!(user = %cred.name, "a new cookie was set; requests for this user go to Knoq again");
+        }
         s.expired = file.expired;
         s.last_rotation = file.rotated_at;
         s.from_state = true;
-        s.state_mtime = now;
         true
     }
 
@@ -454,39 +467,7 @@ impl Credentials {
                 }
             }
             // A state copy written by someone else (`credentials set`).
-            let path = state_path(&self.state_dir, &cred.name);
-            let mtime = stamp(&path);
-            if mtime.is_none() || mtime == cred.status().state_mtime {
-                continue;
-            }
-            match read_state(&self.state_dir, &cred.name) {
-                Ok(Some((state, _)))
-                    if state.source_sha256 == cred.status().source_sha256
-                        || state.source_sha256 == OPERATOR =>
-                {
-                    match parse_cookie(&state.cookie) {
-                        Ok(cookie) => {
-                            let was_expired = cred.status().expired;
-                            cred.publish(cookie);
-                            let mut s = cred.status();
-                            s.expired = state.expired;
-                            s.last_rotation = state.rotated_at;
-                            s.from_state = true;
-                            s.state_mtime = mtime;
-                            if was_expired && !state.expired {
-                                tracing::info!(user = %cred.name, "a new cookie was set; requests for this user go to Knoq again");
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(user = %cred.name, error = %e, "the stored cookie is unusable; keeping the current one")
-                        }
-                    }
-                }
-                Ok(_) => cred.status().state_mtime = mtime,
-                Err(e) => {
-                    tracing::warn!(user = %cred.name, error = %e, "cannot read the stored cookie")
-                }
-            }
+            self.adopt_if_replaced(cred);
         }
     }
 
@@ -597,13 +578,6 @@ fn read_state(dir: &Path, user: &str) -> Result<Option<(StateFile, Option<Stamp>
         )
     })?;
     Ok(Some((file, stamp(&path))))
-}
-
-impl Credentials {
-    /// Test hook and `credentials set`: the state file path for a user.
-    pub fn state_file(config: &Config, user: &str) -> PathBuf {
-        state_path(&config.state.dir.join(STATE_SUBDIR), user)
-    }
 }
 
 /// Stores `cookie` as the user's state copy, superseding the current source
