@@ -112,9 +112,7 @@ impl Forwarder {
     /// will not be sent consumes no quota.
     pub fn precheck(&self) -> Result<(), GatewayError> {
         match self.circuit.refuses() {
-            Some(remaining) => Err(GatewayError::CircuitOpen {
-                retry_after_secs: remaining.as_millis().div_ceil(1000).max(1) as u64,
-            }),
+            Some(remaining) => Err(circuit_open(remaining)),
             None => Ok(()),
         }
     }
@@ -133,35 +131,36 @@ impl Forwarder {
         let route = out.route.label();
         loop {
             attempt += 1;
-            if attempt > 1 && !self.may_retry(out, attempt, wait_hint).await {
-                attempt -= 1;
-                if let Some(error) = unknown {
-                    return Err(Failed {
-                        error,
-                        attempts: attempt,
-                    });
-                }
-                break;
-            }
-            let pass = match self.circuit.pass() {
-                Ok(p) => p,
-                Err(remaining) if attempt == 1 => {
-                    return Err(Failed {
-                        error: GatewayError::CircuitOpen {
-                            retry_after_secs: remaining.as_millis().div_ceil(1000).max(1) as u64,
-                        },
-                        attempts: 0,
-                    })
-                }
-                Err(_) => {
-                    attempt -= 1;
-                    if let Some(error) = unknown {
+            let pass = if attempt == 1 {
+                match self.circuit.pass() {
+                    Ok(p) => p,
+                    Err(remaining) => {
                         return Err(Failed {
-                            error,
-                            attempts: attempt,
-                        });
+                            error: circuit_open(remaining),
+                            attempts: 0,
+                        })
                     }
-                    break;
+                }
+            } else {
+                // A retry needs the deadline, budget and quota (may_retry)
+                // and then a pass from the circuit; else stop here.
+                let pass = if self.may_retry(out, attempt, wait_hint).await {
+                    self.circuit.pass().ok()
+                } else {
+                    None
+                };
+                match pass {
+                    Some(p) => p,
+                    None => {
+                        attempt -= 1;
+                        if let Some(error) = unknown {
+                            return Err(Failed {
+                                error,
+                                attempts: attempt,
+                            });
+                        }
+                        break;
+                    }
                 }
             };
             if attempt == 1 {
@@ -351,6 +350,13 @@ impl Forwarder {
             Finding::Missing { checked } => Err(format!("checked {checked}: not found")),
             Finding::Unreadable { checked } => Err(format!("could not check {checked}")),
         }
+    }
+}
+
+/// The fail-fast answer while the circuit is open for `remaining`.
+fn circuit_open(remaining: std::time::Duration) -> GatewayError {
+    GatewayError::CircuitOpen {
+        retry_after_secs: remaining.as_millis().div_ceil(1000).max(1) as u64,
     }
 }
 
