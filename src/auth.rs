@@ -83,14 +83,6 @@ impl TokenTable {
         TokenTable { by_digest }
     }
 
-    pub fn len(&self) -> usize {
-        self.by_digest.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_digest.is_empty()
-    }
-
     /// Finds the principal for the request's bearer token.
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<&Principal, AuthError> {
         let mut values = headers.get_all(AUTHORIZATION).iter();

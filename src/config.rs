@@ -462,11 +462,6 @@ impl Config {
         })?;
         raw.validate(base)
     }
-
-    /// The user a token belongs to. Validation guarantees it exists.
-    pub fn user(&self, name: &str) -> Option<&UserConfig> {
-        self.users.iter().find(|u| u.name == name)
-    }
 }
 
 /// Collects problems while validating; each parser helper records its own.

@@ -343,10 +343,6 @@ pub fn config_path(bed: &TestBed) -> PathBuf {
     bed.dir.0.join("gateway.toml")
 }
 
-pub fn exists(p: &Path) -> bool {
-    p.exists()
-}
-
 /// A second gateway, as a real process: the bed's config with fresh ports
 /// (and, if given, its own state directory).
 pub struct Process {
