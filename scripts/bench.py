@@ -7,6 +7,9 @@ every request, so a proxy that rewrites wrongly shows up as errors):
   direct   the load generator straight to the upstream (the test bed's limit)
   nginx    requires the bearer token, replaces Cookie and Origin, drops
            Authorization, proxies over HTTPS with keep-alive reuse
+  floor    examples/floor_proxy.rs: the gateway's crates and settings doing
+           only the token check and header swap (no quotas, log, metrics),
+           i.e. what the stack costs before the gateway's own work
   gateway  knoq-gateway with 50 users, 200 tokens, quotas and metrics on
 
 The proxy under test and the upstream share CPU 0; the load generator runs on
@@ -34,6 +37,7 @@ import ssl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "knoq-gateway")
+FLOOR = os.path.join(ROOT, "target", "release", "examples", "floor_proxy")
 COOKIE = "knoq_session=demo-cookie-0001"
 ORIGIN = "https://knoq.one"
 TICK = os.sysconf("SC_CLK_TCK")
@@ -315,7 +319,7 @@ def main():
     ap.add_argument("--upstream-http2", default="true", help="gateway's upstream.http2 (true/false)")
     a = ap.parse_args()
     ensure_tools()
-    sh(["cargo", "build", "--release", "--quiet"], cwd=ROOT)
+    sh(["cargo", "build", "--release", "--quiet", "--bin", "knoq-gateway", "--example", "floor_proxy"], cwd=ROOT)
     tmp = tempfile.mkdtemp(prefix="kgw-bench-")
     os.chmod(tmp, 0o700)
     bed = Bed(tmp)
@@ -330,9 +334,14 @@ def main():
         ng = bed.start([nginx, "-p", os.path.join(tmp, "nginx"), "-c", ng_conf, "-g", "daemon off;"], 0)
         wait_port(ng_port)
         ng_pids = children(ng.pid)
+        fl_port = free_port()
+        fl = bed.start([FLOOR, f"127.0.0.1:{fl_port}", f"https://127.0.0.1:{up}", os.path.join(tmp, "ca.pem"),
+                        token, COOKIE, ORIGIN], 0)
+        wait_port(fl_port)
         targets = {
             "direct": (f"https://127.0.0.1:{up}{path}", [f"Cookie: {COOKIE}", f"Origin: {ORIGIN}"], [up_pid], None),
             "nginx": (f"http://127.0.0.1:{ng_port}{path}", [f"Authorization: Bearer {token}"], ng_pids, ng_port),
+            "floor": (f"http://127.0.0.1:{fl_port}{path}", [f"Authorization: Bearer {token}"], [fl.pid], fl_port),
             "knoq-gateway": (f"http://127.0.0.1:{gw_port}{path}", [f"Authorization: Bearer {token}"], [gw.pid], gw_port),
         }
         if a.only:
@@ -358,12 +367,19 @@ def main():
         print("|---|" + "---|" * len(cols))
         for name in targets:
             print(f"| {name} | " + " | ".join(c[2].format(med[name][c[0]]) for c in cols) + " |")
-        if len(med) < 3:
-            return
-        g, n, d = med["knoq-gateway"], med["nginx"], med["direct"]
-        print(f"\nRatios: gateway/nginx req/s {g['rps'] / n['rps']:.2f}x, CPU per request {g['cpu_us'] / n['cpu_us']:.2f}x, "
-              f"p99 {g['p99'] / n['p99']:.2f}x, RSS with 1000 idle {g['rss_idle_mib'] / n['rss_idle_mib']:.2f}x; "
-              f"gateway/direct req/s {g['rps'] / d['rps']:.2f}x, nginx/direct {n['rps'] / d['rps']:.2f}x")
+        def ratio(a, b, keys):
+            if a in med and b in med:
+                parts = [f"{label} {med[a][k] / med[b][k]:.2f}x" for k, label in keys
+                         if med[b][k] and med[a][k] == med[a][k] and med[b][k] == med[b][k]]
+                print(f"  {a} / {b}: " + ", ".join(parts))
+        full = [("rps", "req/s"), ("cpu_us", "CPU per request"), ("p99", "p99"),
+                ("rss_idle_mib", "RSS with 1000 idle")]
+        print("\nRatios (medians):")
+        ratio("knoq-gateway", "nginx", full)
+        ratio("floor", "nginx", full)
+        ratio("knoq-gateway", "floor", full)
+        ratio("knoq-gateway", "direct", [("rps", "req/s")])
+        ratio("nginx", "direct", [("rps", "req/s")])
     finally:
         bed.stop()
 
