@@ -157,23 +157,29 @@ pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 /// `r` is what remains and `t` the seconds until it grows. A Knoq cool-down
 /// has no window of ours, so it gets only `RateLimit`.
 pub fn insert_rate_limit(headers: &mut HeaderMap, s: &Standing) {
-    let name = format!("{}-{}", s.bucket.label(), s.scope.label());
+    // Built by hand, not with `format!`: this runs for every metered
+    // answer, and core::fmt was a visible share of the per-request cost.
+    let mut value = String::with_capacity(48);
+    value.push('"');
+    value.push_str(s.bucket.label());
+    value.push('-');
+    value.push_str(s.scope.label());
+    value.push('"');
+    let name_len = value.len();
+    let header = |v: &str| HeaderValue::from_str(v).expect("labels and digits are header-safe");
     if let Some(w) = &s.window {
-        let policy = format!("\"{name}\";q={};w={}", w.limit, w.seconds());
-        headers.insert(
-            RATELIMIT_POLICY,
-            HeaderValue::from_str(&policy).expect("labels and digits are header-safe"),
-        );
+        value.push_str(";q=");
+        crate::units::push_decimal(&mut value, u64::from(w.limit));
+        value.push_str(";w=");
+        crate::units::push_decimal(&mut value, w.seconds());
+        headers.insert(RATELIMIT_POLICY, header(&value));
+        value.truncate(name_len);
     }
-    let now = format!(
-        "\"{name}\";r={};t={}",
-        s.remaining,
-        s.reset_ms.div_ceil(1000)
-    );
-    headers.insert(
-        RATELIMIT,
-        HeaderValue::from_str(&now).expect("labels and digits are header-safe"),
-    );
+    value.push_str(";r=");
+    crate::units::push_decimal(&mut value, u64::from(s.remaining));
+    value.push_str(";t=");
+    crate::units::push_decimal(&mut value, s.reset_ms.div_ceil(1000));
+    headers.insert(RATELIMIT, header(&value));
 }
 
 /// A `Debug` view of headers that masks every credential-bearing value.

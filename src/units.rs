@@ -1,10 +1,26 @@
 //! Parsing of the human units the config file uses: durations (`"250ms"`,
-//! `"5s"`, `"10m"`) and byte sizes (`"1MiB"`, `"64KiB"`).
+//! `"5s"`, `"10m"`) and byte sizes (`"1MiB"`, `"64KiB"`); and the one
+//! number formatter the per-request path uses instead of `format!`.
 //!
 //! Pure functions, no I/O: the config layer calls them and attaches the key
 //! path to any error.
 
 use std::time::Duration;
+
+/// Appends `n` in decimal, without going through `core::fmt`.
+pub fn push_decimal(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.push_str(std::str::from_utf8(&digits[i..]).expect("ASCII digits"));
+}
 
 /// Parses a duration written as a whole number followed by a unit:
 /// `ms`, `s`, `m` (or `min`), `h`, `d`. `"0s"` is allowed.
@@ -89,6 +105,15 @@ pub fn format_duration(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decimals_match_the_standard_formatter() {
+        for n in [0, 7, 10, 99, 100, 65_535, 1_795_951_167_553, u64::MAX] {
+            let mut s = String::from("x=");
+            push_decimal(&mut s, n);
+            assert_eq!(s, format!("x={n}"));
+        }
+    }
 
     #[test]
     fn durations_in_every_unit() {

@@ -54,19 +54,33 @@ pub enum Record {
 
 impl Record {
     fn line(&self) -> String {
-        match self {
+        // By hand, not `format!`: one of these is written per admission.
+        let (kind, at, user, token, bucket) = match self {
             Record::Admit {
                 at,
                 user,
                 token,
                 bucket,
-            } => format!("A {at} {user} {token} {}\n", bucket.label()),
+            } => ("A ", *at, user, Some(token), bucket),
             Record::CoolDown {
                 until,
                 user,
                 bucket,
-            } => format!("C {until} {user} {}\n", bucket.label()),
+            } => ("C ", *until, user, None, bucket),
+        };
+        let mut line = String::with_capacity(64);
+        line.push_str(kind);
+        crate::units::push_decimal(&mut line, at);
+        line.push(' ');
+        line.push_str(user);
+        if let Some(token) = token {
+            line.push(' ');
+            line.push_str(token);
         }
+        line.push(' ');
+        line.push_str(bucket.label());
+        line.push('\n');
+        line
     }
 
     fn parse(line: &str) -> Option<Record> {
