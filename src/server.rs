@@ -271,9 +271,11 @@ impl Activity {
     /// idle timeout (or, before its first request, the header read timeout),
     /// counting from `not_before` at the earliest.
     ///
-    /// While a request is in flight it looks again one timeout later; once
-    /// idle, it sleeps exactly until the idle period would end, so an idle
-    /// connection closes on time.
+    /// It wakes no earlier than a close could be due: a request in flight
+    /// (or one that might still arrive and finish at once) cannot make the
+    /// connection idle for `idle_timeout` before now + `idle_timeout`. So a
+    /// watcher never needs waking by the requests themselves, and an idle
+    /// connection still closes on time.
     async fn idle(
         &self,
         first_request_timeout: Duration,
@@ -281,21 +283,26 @@ impl Activity {
         not_before: Option<Instant>,
     ) {
         loop {
-            let limit = if self.served_any.load(Ordering::Acquire) {
-                idle_timeout
-            } else {
-                first_request_timeout
-            };
+            let now = Instant::now();
             let deadline = if self.in_flight.load(Ordering::Acquire) > 0 {
-                Instant::now() + limit
+                now + idle_timeout
             } else {
+                let served = self.served_any.load(Ordering::Acquire);
                 let since = Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
                 let idle_from = (self.born + since).max(not_before.unwrap_or(self.born));
-                let deadline = idle_from + limit;
-                if Instant::now() >= deadline {
+                let limit = if served {
+                    idle_timeout
+                } else {
+                    first_request_timeout
+                };
+                if now >= idle_from + limit {
                     return;
                 }
-                deadline
+                if served {
+                    idle_from + limit
+                } else {
+                    (idle_from + limit).min(now + idle_timeout)
+                }
             };
             tokio::time::sleep_until(deadline).await;
         }
