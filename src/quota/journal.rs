@@ -102,9 +102,10 @@ impl Record {
     }
 }
 
-/// How far back the journal must remember admissions: the longest sliding
-/// window (with its margin), or the start of the month when a monthly
-/// window exists.
+/// How far back the journal must remember one bucket's admissions: its
+/// longest sliding window (with the margin), or the start of the month when
+/// it has a monthly window. Kept per bucket, so a busy bucket with a short
+/// window (reads, say) is not held as long as the hourly session window.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Retention {
     pub span: Millis,
@@ -123,13 +124,42 @@ impl Retention {
     }
 }
 
+/// Retention per bucket, indexed by `Bucket as usize`.
+pub type Retentions = [Retention; 4];
+
+/// What a segment holds that may still matter: the newest admission of each
+/// bucket and the latest end of a cool-down (0: none; an admission at time 0
+/// counts as 1).
+#[derive(Debug, Default)]
+struct Newest {
+    admit: [AtomicU64; 4],
+    cool_down: AtomicU64,
+}
+
+/// A sealed segment's [`Newest`], read once.
+struct Sealed {
+    path: PathBuf,
+    admit: [Millis; 4],
+    cool_down: Millis,
+}
+
+impl Sealed {
+    /// Whether anything in it still matters at `now`.
+    fn needed(&self, retention: &Retentions, now: Millis) -> bool {
+        self.cool_down > now
+            || Bucket::ALL.iter().any(|&b| {
+                let newest = self.admit[b as usize];
+                newest != 0 && newest >= retention[b as usize].horizon(now)
+            })
+    }
+}
+
 /// A segment being appended to.
 struct Segment {
     file: File,
     path: PathBuf,
     bytes: AtomicU64,
-    /// The newest time any record in it can still matter.
-    newest: AtomicU64,
+    newest: Newest,
 }
 
 impl Segment {
@@ -144,7 +174,7 @@ impl Segment {
             file,
             path,
             bytes: AtomicU64::new(bytes),
-            newest: AtomicU64::new(0),
+            newest: Newest::default(),
         })
     }
 }
@@ -159,11 +189,11 @@ impl Segment {
 pub struct Journal {
     dir: PathBuf,
     current: RwLock<Segment>,
-    sealed: Mutex<Vec<(PathBuf, Millis)>>,
+    sealed: Mutex<Vec<Sealed>>,
     next_seq: AtomicU64,
     /// The last segment number folded into the base file at start-up.
     through: u64,
-    retention: Retention,
+    retention: Retentions,
     segment_bytes: u64,
     failed: AtomicBool,
 }
@@ -175,10 +205,9 @@ impl Journal {
     pub fn open(
         dir: &Path,
         now: Millis,
-        retention: Retention,
+        retention: Retentions,
         segment_bytes: u64,
     ) -> Result<(Journal, Vec<Record>), String> {
-        let horizon = retention.horizon(now);
         let mut records = Vec::new();
         let segments = segment_paths(dir)?;
         // The base file names the last segment folded into it: a segment
@@ -197,7 +226,7 @@ impl Journal {
             records.extend(parsed);
         }
         records.retain(|r| match r {
-            Record::Admit { at, .. } => *at >= horizon,
+            Record::Admit { at, bucket, .. } => *at >= retention[*bucket as usize].horizon(now),
             Record::CoolDown { until, .. } => *until > now,
         });
         // Concurrent appends may land a millisecond out of order.
@@ -218,15 +247,21 @@ impl Journal {
         }
         let current = Segment::create(base.clone())
             .map_err(|e| format!("{}: cannot open the quota journal: {e}", base.display()))?;
-        // The folded file matters as long as its longest cool-down runs.
-        let newest = records
-            .iter()
-            .map(|r| match r {
-                Record::CoolDown { until, .. } => *until,
-                Record::Admit { .. } => now,
-            })
-            .fold(now, Millis::max);
-        current.newest.store(newest, Ordering::Relaxed);
+        // The folded file matters as long as its admissions (treated as
+        // made now) and its longest cool-down do.
+        for r in &records {
+            match r {
+                Record::Admit { bucket, .. } => {
+                    current.newest.admit[*bucket as usize].store(now.max(1), Ordering::Relaxed)
+                }
+                Record::CoolDown { until, .. } => {
+                    current
+                        .newest
+                        .cool_down
+                        .fetch_max(*until, Ordering::Relaxed);
+                }
+            }
+        }
         Ok((
             Journal {
                 dir: dir.to_path_buf(),
@@ -260,7 +295,9 @@ impl Journal {
             token: token.to_string(),
             bucket,
         };
-        self.append(&record, at, at);
+        self.append(&record, at, |n| {
+            n.admit[bucket as usize].fetch_max(at.max(1), Ordering::Relaxed);
+        });
     }
 
     pub fn cool_down(&self, now: Millis, until: Millis, user: &str, bucket: Bucket) {
@@ -269,12 +306,14 @@ impl Journal {
             user: user.to_string(),
             bucket,
         };
-        self.append(&record, now, until);
+        self.append(&record, now, |n| {
+            n.cool_down.fetch_max(until, Ordering::Relaxed);
+        });
     }
 
-    /// Appends one record at `now`; `matters_until` is how long it may be
-    /// needed.
-    fn append(&self, record: &Record, now: Millis, matters_until: Millis) {
+    /// Appends one record at `now`; `note` records in the segment how long
+    /// it may be needed.
+    fn append(&self, record: &Record, now: Millis, note: impl FnOnce(&Newest)) {
         let line = record.line();
         let full = {
             let seg = self.current.read().unwrap_or_else(|p| p.into_inner());
@@ -283,7 +322,7 @@ impl Journal {
                 self.report(&seg.path, &e);
                 return;
             }
-            seg.newest.fetch_max(matters_until, Ordering::Relaxed);
+            note(&seg.newest);
             seg.bytes.fetch_add(line.len() as u64, Ordering::Relaxed) + line.len() as u64
                 >= self.segment_bytes
         };
@@ -318,12 +357,16 @@ impl Journal {
         let old = std::mem::replace(&mut *current, next);
         drop(current);
         let mut sealed = self.sealed.lock().unwrap_or_else(|p| p.into_inner());
-        sealed.push((old.path, old.newest.load(Ordering::Relaxed)));
-        let horizon = self.retention.horizon(now);
-        sealed.retain(|(path, newest)| {
-            if *newest >= horizon {
+        sealed.push(Sealed {
+            admit: std::array::from_fn(|b| old.newest.admit[b].load(Ordering::Relaxed)),
+            cool_down: old.newest.cool_down.load(Ordering::Relaxed),
+            path: old.path,
+        });
+        sealed.retain(|s| {
+            if s.needed(&self.retention, now) {
                 return true;
             }
+            let path = &s.path;
             // The base file is kept (it may hold the header only): truncate
             // by replacing it; numbered segments are simply removed.
             let done = if path.file_name().and_then(|n| n.to_str()) == Some(FILE_NAME) {
@@ -426,10 +469,10 @@ mod tests {
         let (j, _) = Journal::open(
             &d,
             0,
-            Retention {
+            [Retention {
                 span: 1_000,
                 months: false,
-            },
+            }; 4],
             100,
         )
         .unwrap();
@@ -447,10 +490,10 @@ mod tests {
         let (_, history) = Journal::open(
             &d,
             2_900,
-            Retention {
+            [Retention {
                 span: 1_000,
                 months: false,
-            },
+            }; 4],
             100,
         )
         .unwrap();
@@ -469,6 +512,41 @@ mod tests {
         );
     }
 
+    #[test]
+    fn each_bucket_is_kept_only_as_long_as_its_own_windows_need() {
+        let d = dir("per-bucket");
+        let mut r = Retentions::default();
+        r[Bucket::Session as usize].span = 3_600_000;
+        r[Bucket::Read as usize].span = 1_000;
+        // Rotate every ~3 records: the first segment holds the session.
+        let (j, _) = Journal::open(&d, 0, r, 100).unwrap();
+        j.admit(1, "alice", "svc", Bucket::Session);
+        for t in 1..=100u64 {
+            j.admit(t * 100, "alice", "svc", Bucket::Read);
+        }
+        // Read-only segments older than a second are gone while running;
+        // the session's segment stays.
+        let files = segment_paths(&d).unwrap();
+        assert!(files.len() <= 8, "{files:?}");
+        assert!(files.iter().any(|(seq, _)| seq.is_none()), "{files:?}");
+        drop(j);
+        let (_, history) = Journal::open(&d, 10_000, r, 100).unwrap();
+        let at = |bucket| {
+            history
+                .iter()
+                .filter_map(|rec| match rec {
+                    Record::Admit { at, bucket: b, .. } if *b == bucket => Some(*at),
+                    _ => None,
+                })
+                .collect::<Vec<u64>>()
+        };
+        assert_eq!(at(Bucket::Session), [1], "within its hour");
+        assert_eq!(
+            at(Bucket::Read),
+            (90..=100).map(|t| t * 100).collect::<Vec<_>>()
+        );
+    }
+
     fn dir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("kgw-journal-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
@@ -479,10 +557,10 @@ mod tests {
     #[test]
     fn records_survive_reopen_and_old_ones_are_compacted_away() {
         let d = dir("roundtrip");
-        let keep_all = Retention {
+        let keep_all = [Retention {
             span: u64::MAX,
             months: false,
-        };
+        }; 4];
         let (j, history) = Journal::open(&d, 1_000, keep_all, 1 << 20).unwrap();
         assert!(history.is_empty());
         j.admit(500, "alice", "svc", Bucket::Message);
@@ -493,10 +571,10 @@ mod tests {
         let (_, history) = Journal::open(
             &d,
             1_000,
-            Retention {
+            [Retention {
                 span: 400,
                 months: false,
-            },
+            }; 4],
             1 << 20,
         )
         .unwrap();
@@ -523,10 +601,10 @@ mod tests {
     #[test]
     fn a_long_cool_down_does_not_make_rotation_forget_live_admissions() {
         let d = dir("cooldown-rotate");
-        let r = Retention {
+        let r = [Retention {
             span: 3_600_000,
             months: false,
-        };
+        }; 4];
         let (j, _) = Journal::open(&d, 0, r, 60).unwrap();
         for t in 0..10 {
             j.admit(t, "alice", "svc", Bucket::Session);
@@ -546,10 +624,10 @@ mod tests {
     #[test]
     fn a_crash_between_folding_and_deleting_segments_does_not_double_count() {
         let d = dir("fold-crash");
-        let r = Retention {
+        let r = [Retention {
             span: u64::MAX,
             months: false,
-        };
+        }; 4];
         let (j, _) = Journal::open(&d, 0, r, 40).unwrap();
         for t in 0..6 {
             j.admit(t, "alice", "svc", Bucket::Message);
@@ -578,7 +656,7 @@ mod tests {
         let path = d.join(FILE_NAME);
         let text = format!("{HEADER}\nA 1 alice svc message\nA x alice svc message\n");
         std::fs::write(&path, &text).unwrap();
-        let err = Journal::open(&d, 0, Retention::default(), 1 << 20)
+        let err = Journal::open(&d, 0, Retentions::default(), 1 << 20)
             .err()
             .unwrap();
         assert!(err.contains("line 3 is damaged"), "{err}");
@@ -586,14 +664,14 @@ mod tests {
 
         std::fs::write(&path, format!("{HEADER}\nA 1 alice svc message")).unwrap();
         assert!(
-            Journal::open(&d, 0, Retention::default(), 1 << 20)
+            Journal::open(&d, 0, Retentions::default(), 1 << 20)
                 .err()
                 .unwrap()
                 .contains("line 2"),
             "torn last line"
         );
         std::fs::write(&path, "something else\n").unwrap();
-        assert!(Journal::open(&d, 0, Retention::default(), 1 << 20)
+        assert!(Journal::open(&d, 0, Retentions::default(), 1 << 20)
             .err()
             .unwrap()
             .contains("not a knoq-gateway quota journal"));

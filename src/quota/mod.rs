@@ -218,18 +218,17 @@ impl Policy {
         self.tokens.get(token).map_or(&[], |w| &w[bucket as usize])
     }
 
-    /// How long the journal must remember admissions for this policy.
-    pub fn retention(&self, margin: Millis) -> journal::Retention {
-        let mut r = journal::Retention::default();
-        for w in self
-            .users
-            .values()
-            .chain(self.tokens.values())
-            .flat_map(|b| b.iter().flatten())
-        {
-            match w.period {
-                window::Period::Sliding(p) => r.span = r.span.max(p + margin),
-                window::Period::Month => r.months = true,
+    /// How long the journal must remember each bucket's admissions.
+    pub fn retention(&self, margin: Millis) -> journal::Retentions {
+        let mut r = journal::Retentions::default();
+        for per_bucket in self.users.values().chain(self.tokens.values()) {
+            for (b, windows) in per_bucket.iter().enumerate() {
+                for w in windows {
+                    match w.period {
+                        window::Period::Sliding(p) => r[b].span = r[b].span.max(p + margin),
+                        window::Period::Month => r[b].months = true,
+                    }
+                }
             }
         }
         r

@@ -255,7 +255,10 @@ impl QuotaStore for LocalStore {
             }
             state.latest = now;
             record_all(state, demand, margin, now);
-            if let Some(journal) = &self.journal {
+            // A bucket with no window (reads, by default) has nothing to
+            // replay: it costs no journal write.
+            let metered = !(demand.user_windows.is_empty() && demand.token_windows.is_empty());
+            if let (Some(journal), true) = (&self.journal, metered) {
                 journal.admit(now, demand.user, demand.token, demand.bucket);
             }
             // The tightest window: least remaining, then longest to reset.
@@ -415,8 +418,16 @@ mod tests {
         let store = open(1_000);
         assert!(store.acquire(&d(Bucket::Message), 1_000).is_ok());
         assert!(store.acquire(&d(Bucket::Message), 1_001).is_ok());
+        // Reads have no window here: admitted, and never written down.
+        assert!(store.acquire(&d(Bucket::Read), 1_002).is_ok());
         store.cool_down("alice", Bucket::Read, 1_002, 90_000);
         drop(store);
+        let text = std::fs::read_to_string(dir.join(crate::quota::journal::FILE_NAME)).unwrap();
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with("A ")).count(),
+            2,
+            "only the metered admissions: {text}"
+        );
         let store = open(2_000);
         let r = store.acquire(&d(Bucket::Message), 2_000).unwrap_err();
         assert_eq!(r.until, 1_000 + 3_600_000);
