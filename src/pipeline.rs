@@ -249,7 +249,12 @@ impl Gateway {
             UpstreamAuth::Bearer(_) => None,
         };
         headers::rewrite_request(&mut parts.headers, auth, &self.origin);
-        parts.headers.insert(X_REQUEST_ID, ctx.request_id.clone());
+        // Unique per request: HPACK must not index it, or every request
+        // would evict the cookie and origin from the upstream connection's
+        // header table (h2 then re-encodes them in full).
+        let mut request_id = ctx.request_id.clone();
+        request_id.set_sensitive(true);
+        parts.headers.insert(X_REQUEST_ID, request_id);
         parts.uri = self.forwarder.upstream.uri_for(parts.uri.path_and_query());
 
         let charge_retry = || self.quotas.charge_retry(&principal, route);
