@@ -110,6 +110,10 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
+    if body.is_end_stream() {
+        // A GET: nothing to read, no collector to build.
+        return Ok(Bytes::new());
+    }
     let limited = http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
     match limited.collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
