@@ -301,7 +301,8 @@ fn format_ms(ms: u64) -> String {
 /// Tokio's work-stealing runtime, one worker per CPU; on a single CPU
 /// (pinned with taskset, or a container's cpuset or quota) the
 /// single-threaded runtime, which does the same work without the
-/// scheduler's cross-thread bookkeeping (about 5% of the CPU per request).
+/// scheduler's cross-thread bookkeeping (about 3% of the instructions
+/// per request).
 fn runtime() -> tokio::runtime::Runtime {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut builder = if cpus == 1 {
