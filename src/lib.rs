@@ -215,6 +215,10 @@ pub(crate) fn build_gateway(
         None => Credentials::load(&config),
     }
     .map_err(ConfigError::from)?;
+    let policy = quota::Policy::new(&config);
+    // A reload may add or lengthen windows: the journal must keep what the
+    // new ones need (a bucket that had none was not even written).
+    store.set_retention(policy.retention(config.quotas.margin.as_millis() as Millis));
     Ok(Gateway {
         hygiene: HygieneRules {
             max_header_bytes: config.server.max_header_bytes,
@@ -225,12 +229,7 @@ pub(crate) fn build_gateway(
         credentials: Arc::new(credentials),
         forwarder,
         origin: config.upstream.origin.clone(),
-        quotas: quota::Quotas::new(
-            quota::Policy::new(&config),
-            store,
-            clock.clone(),
-            &config.quotas,
-        ),
+        quotas: quota::Quotas::new(policy, store, clock.clone(), &config.quotas),
         clock,
         config,
         metrics,

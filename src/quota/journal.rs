@@ -193,7 +193,7 @@ pub struct Journal {
     next_seq: AtomicU64,
     /// The last segment number folded into the base file at start-up.
     through: u64,
-    retention: Retentions,
+    retention: Mutex<Retentions>,
     segment_bytes: u64,
     failed: AtomicBool,
 }
@@ -269,7 +269,7 @@ impl Journal {
                 sealed: Mutex::new(Vec::new()),
                 next_seq: AtomicU64::new(through + 1),
                 through,
-                retention,
+                retention: Mutex::new(retention),
                 segment_bytes,
                 failed: AtomicBool::new(false),
             },
@@ -362,8 +362,9 @@ impl Journal {
             cool_down: old.newest.cool_down.load(Ordering::Relaxed),
             path: old.path,
         });
+        let retention = *self.retention.lock().unwrap_or_else(|p| p.into_inner());
         sealed.retain(|s| {
-            if s.needed(&self.retention, now) {
+            if s.needed(&retention, now) {
                 return true;
             }
             let path = &s.path;
@@ -376,6 +377,13 @@ impl Journal {
             };
             done.is_err()
         });
+    }
+
+    /// A reload changed the windows: sealed segments are kept for the new
+    /// ones from the next rotation on (the fold at start-up reads the
+    /// config's windows itself).
+    pub fn set_retention(&self, retention: Retentions) {
+        *self.retention.lock().unwrap_or_else(|p| p.into_inner()) = retention;
     }
 
     fn report(&self, path: &Path, e: &std::io::Error) {
@@ -544,6 +552,33 @@ mod tests {
         assert_eq!(
             at(Bucket::Read),
             (90..=100).map(|t| t * 100).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_reload_that_adds_a_window_keeps_what_it_needs_from_then_on() {
+        // Started with no read window; a reload adds one of 10 s.
+        let run = |tag, reload: bool| {
+            let d = dir(tag);
+            let (j, _) = Journal::open(&d, 0, Retentions::default(), 100).unwrap();
+            if reload {
+                let mut r = Retentions::default();
+                r[Bucket::Read as usize].span = 10_000;
+                j.set_retention(r);
+            }
+            for t in 1..=40u64 {
+                j.admit(t * 100, "alice", "svc", Bucket::Read);
+            }
+            segment_paths(&d).unwrap().len()
+        };
+        let (kept, stale) = (run("reload-kept", true), run("reload-stale", false));
+        assert!(
+            kept >= 8,
+            "every read of the last 10 s is kept: {kept} files"
+        );
+        assert!(
+            stale <= 3,
+            "without the new window they would go: {stale} files"
         );
     }
 

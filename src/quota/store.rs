@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 use dashmap::DashMap;
 
-use super::journal::{Journal, Record};
+use super::journal::{Journal, Record, Retentions};
 use super::window::{Ledger, Period, Window};
 use super::{Bucket, Grant, Policy, Refusal, Scope, Standing};
 use crate::clock::Millis;
@@ -44,6 +44,10 @@ pub trait QuotaStore: Send + Sync {
 
     /// Headroom of every window of the user's buckets at `now` (metrics).
     fn headroom(&self, user: &str, windows: &[(Bucket, &Window)], now: Millis) -> Vec<u32>;
+
+    /// How long admissions must be kept from now on: the windows of the
+    /// policy just built (start-up or a reload that changed them).
+    fn set_retention(&self, retention: Retentions);
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -309,6 +313,12 @@ impl QuotaStore for LocalStore {
                 })
                 .collect()
         })
+    }
+
+    fn set_retention(&self, retention: Retentions) {
+        if let Some(journal) = &self.journal {
+            journal.set_retention(retention);
+        }
     }
 }
 
