@@ -7,12 +7,13 @@
 //! are ever printed.
 
 use std::cell::RefCell;
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
-use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::format::{Format, Full, Writer};
+use tracing_subscriber::fmt::time::SystemTime as SystemTimeFormat;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
@@ -36,7 +37,7 @@ pub fn init(config: &LogConfig) {
         // collectors get the same text from `PlainLine`, which costs a
         // fraction of it (one line is written per request).
         LogFormat::Text if std::io::stderr().is_terminal() => builder.try_init(),
-        LogFormat::Text => builder.event_format(PlainLine).try_init(),
+        LogFormat::Text => builder.event_format(PlainLine::new()).try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
     // A second call (tests, demo) keeps the first subscriber.
@@ -47,8 +48,21 @@ pub fn init(config: &LogConfig) {
 /// written without ANSI codes and, for the common field types, without
 /// going through `core::fmt`: the request log line was about a tenth of the
 /// gateway's instructions per request with tracing's own formatter.
-/// (The gateway records no spans, so there is no span context to print.)
-struct PlainLine;
+///
+/// Events inside a span and events from the `log` crate (rustls logs that
+/// way) are rare and need more than this writes (span prefixes, the `log`
+/// record's own target): they go to tracing's formatter itself.
+struct PlainLine {
+    fallback: Format<Full, SystemTimeFormat>,
+}
+
+impl PlainLine {
+    fn new() -> Self {
+        PlainLine {
+            fallback: Format::default().with_ansi(false),
+        }
+    }
+}
 
 impl<S, N> FormatEvent<S, N> for PlainLine
 where
@@ -57,11 +71,14 @@ where
 {
     fn format_event(
         &self,
-        _ctx: &FmtContext<'_, S, N>,
+        ctx: &FmtContext<'_, S, N>,
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
         let meta = event.metadata();
+        if ctx.event_scope().is_some() || meta.fields().field("log.target").is_some() {
+            return self.fallback.format_event(ctx, writer, event);
+        }
         write_timestamp(&mut writer)?;
         writer.write_str(match *meta.level() {
             Level::ERROR => " ERROR ",
@@ -136,23 +153,52 @@ impl PlainFields<'_, '_> {
     }
 }
 
+/// Writes through to the line, escaping what could drive a terminal (ESC,
+/// BEL, BS, FF, DEL, C1 controls) the way tracing does for messages.
+struct Escaping<'a, 'w>(&'a mut Writer<'w>);
+
+impl fmt::Write for Escaping<'_, '_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let mut rest = s;
+        while let Some(at) = rest.find(|c: char| {
+            matches!(
+                c,
+                '\x1b' | '\x07' | '\x08' | '\x0c' | '\x7f' | '\u{80}'..='\u{9f}'
+            )
+        }) {
+            self.0.write_str(&rest[..at])?;
+            let c = rest[at..].chars().next().expect("found above");
+            match c {
+                '\u{80}'..='\u{9f}' => write!(self.0, "\\u{{{:x}}}", c as u32)?,
+                _ => write!(self.0, "\\x{:02x}", c as u32)?,
+            }
+            rest = &rest[at + c.len_utf8()..];
+        }
+        self.0.write_str(rest)
+    }
+}
+
 impl Visit for PlainFields<'_, '_> {
     fn record_str(&mut self, field: &Field, value: &str) {
         if self.result.is_err() {
+            return;
+        }
+        if field.name() == "message" {
+            self.result = self
+                .name(field)
+                .and_then(|()| fmt::Write::write_str(&mut Escaping(self.writer), value));
             return;
         }
         self.result = self.name(field).and_then(|()| {
             let plain = value
                 .bytes()
                 .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\');
-            match (field.name() == "message", plain) {
-                (true, _) => self.writer.write_str(value),
-                (false, true) => {
-                    self.writer.write_char('"')?;
-                    self.writer.write_str(value)?;
-                    self.writer.write_char('"')
-                }
-                (false, false) => write!(self.writer, "{value:?}"),
+            if plain {
+                self.writer.write_char('"')?;
+                self.writer.write_str(value)?;
+                self.writer.write_char('"')
+            } else {
+                write!(self.writer, "{value:?}")
             }
         });
     }
@@ -168,13 +214,42 @@ impl Visit for PlainFields<'_, '_> {
         });
     }
 
-    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
         if self.result.is_err() {
             return;
         }
-        self.result = self
-            .name(field)
-            .and_then(|()| write!(self.writer, "{value:?}"));
+        // As tracing writes it: `name=<error> name.sources=[<cause>, ...]`,
+        // each text escaped.
+        self.result = self.name(field).and_then(|()| {
+            write!(Escaping(self.writer), "{value}")?;
+            if let Some(source) = value.source() {
+                write!(self.writer, " {}.sources=[", field.name())?;
+                let mut next = Some(source);
+                let mut first = true;
+                while let Some(e) = next {
+                    if !std::mem::take(&mut first) {
+                        self.writer.write_str(", ")?;
+                    }
+                    write!(Escaping(self.writer), "{e}")?;
+                    next = e.source();
+                }
+                self.writer.write_char(']')?;
+            }
+            Ok(())
+        });
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if self.result.is_err() || field.name().starts_with("log.") {
+            return;
+        }
+        self.result = self.name(field).and_then(|()| {
+            if field.name() == "message" {
+                write!(Escaping(self.writer), "{value:?}")
+            } else {
+                write!(self.writer, "{value:?}")
+            }
+        });
     }
 }
 
@@ -194,7 +269,10 @@ mod tests {
             .with_max_level(Level::TRACE)
             .with_writer(make);
         if plain {
-            tracing::subscriber::with_default(builder.event_format(PlainLine).finish(), &emit);
+            tracing::subscriber::with_default(
+                builder.event_format(PlainLine::new()).finish(),
+                &emit,
+            );
         } else {
             tracing::subscriber::with_default(builder.finish(), &emit);
         }
@@ -202,6 +280,22 @@ mod tests {
         text.lines()
             .map(|l| l.split_once(' ').expect("a timestamp first").1.to_string() + "\n")
             .collect()
+    }
+
+    /// An error whose `source` is another error.
+    #[derive(Debug)]
+    struct Wrapped(std::io::Error);
+
+    impl fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("outer")
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
     }
 
     struct Sink(Arc<Mutex<Vec<u8>>>);
@@ -235,10 +329,23 @@ mod tests {
             );
             tracing::warn!("no fields at all");
             tracing::error!(n = 0u64, "formatted {} message", 42);
+            // Terminal controls in a message are escaped, as tracing does.
+            tracing::warn!("bell\x07 esc\x1b[2J del\x7f c1\u{85} end");
+            let text = "esc\x1b[2J in a str message";
+            tracing::warn!(message = text, other = "x\x1by");
+            // An error with causes: `error=... error.sources=[...]`.
+            let inner = std::io::Error::other("inner \x1b cause");
+            let outer = std::io::Error::other(Wrapped(inner));
+            let dyn_err: &(dyn std::error::Error + 'static) = &outer;
+            tracing::error!(error = dyn_err, "failed");
+            // Inside a span: tracing's own formatter writes the prefix.
+            let span = tracing::info_span!("outer", k = 1u64);
+            span.in_scope(|| tracing::info!(status = 200u64, "in a span"));
         };
         let theirs = capture(false, emit);
         let ours = capture(true, emit);
-        assert_eq!(theirs.lines().count(), 3, "{theirs}");
+        assert_eq!(theirs.lines().count(), 7, "{theirs}");
+        assert!(!theirs.contains('\x1b'), "{theirs}");
         assert_eq!(ours, theirs);
     }
 
@@ -248,7 +355,7 @@ mod tests {
         let sink = out.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(move || Sink(sink.clone()))
-            .event_format(PlainLine)
+            .event_format(PlainLine::new())
             .finish();
         tracing::subscriber::with_default(subscriber, || tracing::info!("tick"));
         let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
