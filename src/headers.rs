@@ -66,7 +66,9 @@ fn remove_where(headers: &mut HeaderMap, drop: impl Fn(&HeaderName) -> bool) {
     if !headers.keys().any(&drop) {
         return;
     }
-    let old = std::mem::replace(headers, HeaderMap::with_capacity(headers.len()));
+    // `keys_len`, not `len`: capacity counts names, and thousands of values
+    // of one name would overflow it.
+    let old = std::mem::replace(headers, HeaderMap::with_capacity(headers.keys_len()));
     let mut current: Option<HeaderName> = None;
     for (name, value) in old {
         // `into_iter` names a header once, then yields its further values
@@ -118,14 +120,17 @@ pub fn rewrite_request(headers: &mut HeaderMap, auth: UpstreamAuth<'_>, origin: 
 /// Filters Knoq's response headers for the client. Returns the `Set-Cookie`
 /// values removed, for the credential store to apply.
 pub fn filter_response(headers: &mut HeaderMap) -> Vec<HeaderValue> {
+    // Taken first: a `Connection` header naming `Set-Cookie` must not make
+    // the gateway miss a rotation (the cookie is for this hop anyway).
+    let set_cookies = match headers.entry(SET_COOKIE) {
+        http::header::Entry::Occupied(e) => e.remove_entry_mult().1.collect(),
+        http::header::Entry::Vacant(_) => Vec::new(),
+    };
     let hop = hop_by_hop(headers);
     remove_where(headers, |n| {
         hop(n) || n == ALT_SVC || n.as_str().starts_with("access-control-")
     });
-    match headers.entry(SET_COOKIE) {
-        http::header::Entry::Occupied(e) => e.remove_entry_mult().1.collect(),
-        http::header::Entry::Vacant(_) => Vec::new(),
-    }
+    set_cookies
 }
 
 /// The request id: a sane client-supplied `X-Request-Id` is kept (so a
@@ -316,11 +321,12 @@ mod tests {
             ("set-cookie", "other=1"),
             ("access-control-allow-origin", "*"),
             ("alt-svc", "h3=\":443\""),
-            ("connection", "x-hop"),
+            ("connection", "x-hop, set-cookie"),
             ("x-hop", "1"),
             ("content-type", "application/json"),
             ("retry-after", "3"),
         ]);
+        // Named in Connection too: still handed over for rotation.
         let cookies = filter_response(&mut h);
         assert_eq!(cookies.len(), 2);
         let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
