@@ -103,13 +103,16 @@ impl Record {
 }
 
 /// How far back the journal must remember one bucket's admissions: its
-/// longest sliding window (with the margin), or the start of the month when
-/// it has a monthly window. Kept per bucket, so a busy bucket with a short
-/// window (reads, say) is not held as long as the hourly session window.
+/// longest sliding window (with the margin), or, when it has a monthly
+/// window, the start of the month less the margin (a request sent in the
+/// last `margin` of a month also counts in the next one). Kept per bucket,
+/// so a busy bucket with a short window (reads, say) is not held as long
+/// as the hourly session window.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Retention {
     pub span: Millis,
     pub months: bool,
+    pub margin: Millis,
 }
 
 impl Retention {
@@ -117,7 +120,8 @@ impl Retention {
     pub fn horizon(self, now: Millis) -> Millis {
         let sliding = now.saturating_sub(self.span);
         if self.months {
-            sliding.min(super::window::month_start(super::window::month_index(now)))
+            let month = super::window::month_start(super::window::month_index(now));
+            sliding.min(month.saturating_sub(self.margin))
         } else {
             sliding
         }
@@ -480,6 +484,7 @@ mod tests {
             [Retention {
                 span: 1_000,
                 months: false,
+                margin: 0,
             }; 4],
             100,
         )
@@ -501,6 +506,7 @@ mod tests {
             [Retention {
                 span: 1_000,
                 months: false,
+                margin: 0,
             }; 4],
             100,
         )
@@ -582,6 +588,34 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_month_window_keeps_what_the_last_margin_of_the_previous_month_spilled() {
+        use crate::quota::window::{month_index, month_start};
+        let d = dir("month-spill");
+        let start = month_start(month_index(1_795_000_000_000));
+        let mut r = Retentions::default();
+        r[Bucket::Message as usize] = Retention {
+            span: 60_250,
+            months: true,
+            margin: 250,
+        };
+        let (j, _) = Journal::open(&d, start - 5_000, r, 1 << 20).unwrap();
+        j.admit(start - 1_000, "alice", "svc", Bucket::Message);
+        j.admit(start - 100, "alice", "svc", Bucket::Message);
+        drop(j);
+        // A restart two minutes into the new month: the spilled admission
+        // still counts there; the one before the margin does not.
+        let (_, history) = Journal::open(&d, start + 120_000, r, 1 << 20).unwrap();
+        let kept: Vec<u64> = history
+            .iter()
+            .filter_map(|rec| match rec {
+                Record::Admit { at, .. } => Some(*at),
+                Record::CoolDown { .. } => None,
+            })
+            .collect();
+        assert_eq!(kept, [start - 100]);
+    }
+
     fn dir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("kgw-journal-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
@@ -595,6 +629,7 @@ mod tests {
         let keep_all = [Retention {
             span: u64::MAX,
             months: false,
+            margin: 0,
         }; 4];
         let (j, history) = Journal::open(&d, 1_000, keep_all, 1 << 20).unwrap();
         assert!(history.is_empty());
@@ -609,6 +644,7 @@ mod tests {
             [Retention {
                 span: 400,
                 months: false,
+                margin: 0,
             }; 4],
             1 << 20,
         )
@@ -639,6 +675,7 @@ mod tests {
         let r = [Retention {
             span: 3_600_000,
             months: false,
+            margin: 0,
         }; 4];
         let (j, _) = Journal::open(&d, 0, r, 60).unwrap();
         for t in 0..10 {
@@ -662,6 +699,7 @@ mod tests {
         let r = [Retention {
             span: u64::MAX,
             months: false,
+            margin: 0,
         }; 4];
         let (j, _) = Journal::open(&d, 0, r, 40).unwrap();
         for t in 0..6 {

@@ -226,7 +226,7 @@ impl Policy {
                 for w in windows {
                     match w.period {
                         window::Period::Sliding(p) => r[b].span = r[b].span.max(p + margin),
-                        window::Period::Month => r[b].months = true,
+                        window::Period::Month => (r[b].months, r[b].margin) = (true, margin),
                     }
                 }
             }
