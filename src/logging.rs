@@ -118,18 +118,13 @@ fn write_timestamp(writer: &mut Writer<'_>) -> fmt::Result {
         }
         writer.write_str(&cached.1)
     })?;
-    let micros = u64::from(now.subsec_micros());
-    let mut frac = String::with_capacity(8);
-    frac.push('.');
-    // Six digits, zero-padded.
-    let mut digits = String::with_capacity(6);
-    crate::units::push_decimal(&mut digits, micros);
-    for _ in digits.len()..6 {
-        frac.push('0');
-    }
-    frac.push_str(&digits);
-    frac.push('Z');
-    writer.write_str(&frac)
+    // `.` and six digits, zero-padded, then `Z`.
+    let mut buf = [0; 20];
+    let micros = crate::units::decimal(u64::from(now.subsec_micros()), &mut buf);
+    writer.write_char('.')?;
+    writer.write_str(&"000000"[micros.len()..])?;
+    writer.write_str(micros)?;
+    writer.write_char('Z')
 }
 
 /// Writes fields as tracing's default formatter does: the message bare,
@@ -208,9 +203,8 @@ impl Visit for PlainFields<'_, '_> {
             return;
         }
         self.result = self.name(field).and_then(|()| {
-            let mut digits = String::with_capacity(20);
-            crate::units::push_decimal(&mut digits, value);
-            self.writer.write_str(&digits)
+            self.writer
+                .write_str(crate::units::decimal(value, &mut [0; 20]))
         });
     }
 

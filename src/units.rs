@@ -7,19 +7,23 @@
 
 use std::time::Duration;
 
-/// Appends `n` in decimal, without going through `core::fmt`.
-pub fn push_decimal(out: &mut String, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
+/// `n` in decimal, written into `buf` without going through `core::fmt`.
+pub fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &str {
+    let mut i = buf.len();
     loop {
         i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
+        buf[i] = b'0' + (n % 10) as u8;
         n /= 10;
         if n == 0 {
             break;
         }
     }
-    out.push_str(std::str::from_utf8(&digits[i..]).expect("ASCII digits"));
+    std::str::from_utf8(&buf[i..]).expect("ASCII digits")
+}
+
+/// Appends `n` in decimal (see [`decimal`]).
+pub fn push_decimal(out: &mut String, n: u64) {
+    out.push_str(decimal(n, &mut [0; 20]));
 }
 
 /// Parses a duration written as a whole number followed by a unit:
