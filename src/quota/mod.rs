@@ -299,13 +299,7 @@ impl Quotas {
         let Some(bucket) = Bucket::for_route(route) else {
             return Ok(None);
         };
-        let demand = Demand {
-            user: &who.user,
-            token: &who.token,
-            bucket,
-            user_windows: self.policy.user_windows(&who.user, bucket),
-            token_windows: self.policy.token_windows(&who.token, bucket),
-        };
+        let demand = self.demand(who, bucket);
         if self.on_limit == OnLimit::Reject || self.max_wait.is_zero() {
             let now = self.clock.now();
             return self
@@ -357,19 +351,24 @@ impl Quotas {
         entry[bucket as usize].clone()
     }
 
+    /// What `who` asks of `bucket`: its account's and its token's windows.
+    fn demand<'a>(&'a self, who: &'a Principal, bucket: Bucket) -> Demand<'a> {
+        Demand {
+            user: &who.user,
+            token: &who.token,
+            bucket,
+            user_windows: self.policy.user_windows(&who.user, bucket),
+            token_windows: self.policy.token_windows(&who.token, bucket),
+        }
+    }
+
     /// Charges quota for a retry of an admitted request, without waiting:
     /// Knoq may count every attempt. `false` means stop retrying.
     pub fn charge_retry(&self, who: &Principal, route: Route) -> bool {
         let Some(bucket) = Bucket::for_route(route) else {
             return true;
         };
-        let demand = Demand {
-            user: &who.user,
-            token: &who.token,
-            bucket,
-            user_windows: self.policy.user_windows(&who.user, bucket),
-            token_windows: self.policy.token_windows(&who.token, bucket),
-        };
+        let demand = self.demand(who, bucket);
         self.store.acquire(&demand, self.clock.now()).is_ok()
     }
 
