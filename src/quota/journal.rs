@@ -478,17 +478,7 @@ mod tests {
     fn segments_rotate_and_old_ones_are_deleted_while_running() {
         let d = dir("rotate");
         // Keep one second of history; rotate every ~3 records.
-        let (j, _) = Journal::open(
-            &d,
-            0,
-            [Retention {
-                span: 1_000,
-                months: false,
-                margin: 0,
-            }; 4],
-            100,
-        )
-        .unwrap();
+        let (j, _) = Journal::open(&d, 0, keep(1_000), 100).unwrap();
         for t in 0..30u64 {
             j.admit(t * 100, "alice", "svc", Bucket::Message);
         }
@@ -500,17 +490,7 @@ mod tests {
         // Everything older than 2_900 - 1_000 is gone; what is left is small.
         assert!(files.len() <= 6, "{files:?}");
         drop(j);
-        let (_, history) = Journal::open(
-            &d,
-            2_900,
-            [Retention {
-                span: 1_000,
-                months: false,
-                margin: 0,
-            }; 4],
-            100,
-        )
-        .unwrap();
+        let (_, history) = Journal::open(&d, 2_900, keep(1_000), 100).unwrap();
         let times: Vec<u64> = history
             .iter()
             .map(|r| match r {
@@ -616,6 +596,14 @@ mod tests {
         assert_eq!(kept, [start - 100]);
     }
 
+    /// Every bucket kept for `span` (no month windows).
+    fn keep(span: Millis) -> Retentions {
+        [Retention {
+            span,
+            ..Retention::default()
+        }; 4]
+    }
+
     fn dir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("kgw-journal-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
@@ -626,11 +614,7 @@ mod tests {
     #[test]
     fn records_survive_reopen_and_old_ones_are_compacted_away() {
         let d = dir("roundtrip");
-        let keep_all = [Retention {
-            span: u64::MAX,
-            months: false,
-            margin: 0,
-        }; 4];
+        let keep_all = keep(u64::MAX);
         let (j, history) = Journal::open(&d, 1_000, keep_all, 1 << 20).unwrap();
         assert!(history.is_empty());
         j.admit(500, "alice", "svc", Bucket::Message);
@@ -638,17 +622,7 @@ mod tests {
         j.cool_down(500, 5_000, "bob", Bucket::Message);
         j.cool_down(500, 800, "bob", Bucket::Read);
         drop(j);
-        let (_, history) = Journal::open(
-            &d,
-            1_000,
-            [Retention {
-                span: 400,
-                months: false,
-                margin: 0,
-            }; 4],
-            1 << 20,
-        )
-        .unwrap();
+        let (_, history) = Journal::open(&d, 1_000, keep(400), 1 << 20).unwrap();
         assert_eq!(
             history,
             [
@@ -672,11 +646,7 @@ mod tests {
     #[test]
     fn a_long_cool_down_does_not_make_rotation_forget_live_admissions() {
         let d = dir("cooldown-rotate");
-        let r = [Retention {
-            span: 3_600_000,
-            months: false,
-            margin: 0,
-        }; 4];
+        let r = keep(3_600_000);
         let (j, _) = Journal::open(&d, 0, r, 60).unwrap();
         for t in 0..10 {
             j.admit(t, "alice", "svc", Bucket::Session);
@@ -696,11 +666,7 @@ mod tests {
     #[test]
     fn a_crash_between_folding_and_deleting_segments_does_not_double_count() {
         let d = dir("fold-crash");
-        let r = [Retention {
-            span: u64::MAX,
-            months: false,
-            margin: 0,
-        }; 4];
+        let r = keep(u64::MAX);
         let (j, _) = Journal::open(&d, 0, r, 40).unwrap();
         for t in 0..6 {
             j.admit(t, "alice", "svc", Bucket::Message);
