@@ -6,31 +6,29 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use http::{HeaderMap, HeaderValue, Method};
-use knoq_gateway::auth::{digest_hex, TokenTable};
-use knoq_gateway::config::TokenConfig;
+use knoq_gateway::auth::{digest_hex, Principal, TokenTable};
 use knoq_gateway::headers::{rewrite_request, UpstreamAuth};
 use knoq_gateway::quota::window::Window;
 use knoq_gateway::quota::{Bucket, Demand, LocalStore, QuotaStore};
 use knoq_gateway::route::classify;
 
 fn token_lookup(c: &mut Criterion) {
-    let tokens: Vec<TokenConfig> = (0..200)
+    let tokens: Vec<([u8; 32], Principal)> = (0..200)
         .map(|i| {
             let digest = digest_hex(&format!("kgw_token_{i}"));
             let mut sha = [0u8; 32];
             for (j, b) in sha.iter_mut().enumerate() {
                 *b = u8::from_str_radix(&digest[2 * j..2 * j + 2], 16).unwrap();
             }
-            TokenConfig {
-                name: format!("tool{i}"),
-                user: format!("user{}", i % 50),
-                sha256: sha,
+            let principal = Principal {
+                token: format!("tool{i}").into(),
+                user: format!("user{}", i % 50).into(),
                 scim: false,
-                quotas: Default::default(),
-            }
+            };
+            (sha, principal)
         })
         .collect();
-    let table = TokenTable::new(&tokens);
+    let table = TokenTable::new(tokens);
     let mut headers = HeaderMap::new();
     headers.insert(
         "authorization",

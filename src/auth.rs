@@ -21,8 +21,6 @@ use http::header::AUTHORIZATION;
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
 
-use crate::config::TokenConfig;
-
 /// Who is calling: the token's name and the Knoq account it acts as.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Principal {
@@ -68,19 +66,12 @@ impl fmt::Debug for TokenTable {
 // === impl TokenTable ===
 
 impl TokenTable {
-    pub fn new(tokens: &[TokenConfig]) -> Self {
-        let by_digest = tokens
-            .iter()
-            .map(|t| {
-                let principal = Principal {
-                    token: t.name.as_str().into(),
-                    user: t.user.as_str().into(),
-                    scim: t.scim,
-                };
-                (t.sha256, principal)
-            })
-            .collect();
-        TokenTable { by_digest }
+    /// A table of tokens, each given by the SHA-256 of its secret and the
+    /// principal it stands for.
+    pub fn new(tokens: impl IntoIterator<Item = ([u8; 32], Principal)>) -> Self {
+        TokenTable {
+            by_digest: tokens.into_iter().collect(),
+        }
     }
 
     /// Finds the principal for the request's bearer token.
@@ -135,13 +126,14 @@ mod tests {
     use http::HeaderValue;
 
     fn table() -> TokenTable {
-        TokenTable::new(&[TokenConfig {
-            name: "svc".into(),
-            user: "alice".into(),
-            sha256: sha256(b"kgw_good"),
-            scim: false,
-            quotas: Default::default(),
-        }])
+        TokenTable::new([(
+            sha256(b"kgw_good"),
+            Principal {
+                token: "svc".into(),
+                user: "alice".into(),
+                scim: false,
+            },
+        )])
     }
 
     fn headers(values: &[&str]) -> HeaderMap {

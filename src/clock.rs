@@ -1,5 +1,6 @@
 //! Time for quotas and cool-downs, injectable so tests of minute, hour and
-//! month windows run in milliseconds.
+//! month windows run in milliseconds, and the one home of calendar
+//! arithmetic (civil dates, UTC months, RFC 3339 and HTTP dates).
 //!
 //! Quota state is persisted, so times are wall-clock milliseconds since the
 //! Unix epoch. [`SystemClock`] reads them as "wall time at start + tokio's
@@ -149,7 +150,7 @@ pub fn format_rfc3339(ms: Millis) -> String {
     let secs = ms / 1000;
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
-    let (y, m, d) = crate::quota::window::civil_from_days(days);
+    let (y, m, d) = civil_from_days(days);
     format!(
         "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
         rem / 3600,
@@ -159,13 +160,44 @@ pub fn format_rfc3339(ms: Millis) -> String {
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant).
-pub(crate) fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);
     let yoe = y.rem_euclid(400);
     let m = i64::from(m);
     let doy = (153 * if m > 2 { m - 3 } else { m + 9 } + 2) / 5 + i64::from(d) - 1;
     era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468
+}
+
+/// One day in milliseconds.
+pub const DAY_MS: Millis = 86_400_000;
+
+/// Calendar month of a timestamp, as months since January 1970 (UTC).
+pub fn month_index(t: Millis) -> u32 {
+    let (y, m, _) = civil_from_days((t / DAY_MS) as i64);
+    ((y - 1970) * 12 + (m as i64 - 1)) as u32
+}
+
+/// First millisecond of month `index` (months since January 1970).
+pub fn month_start(index: u32) -> Millis {
+    let y = 1970 + (index / 12) as i64;
+    let m = index % 12 + 1;
+    days_from_civil(y, m, 1) as Millis * DAY_MS
+}
+
+// Howard Hinnant's civil-calendar algorithms (proleptic Gregorian).
+/// Date of a day count since 1970-01-01 (proleptic Gregorian).
+pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
 }
 
 #[cfg(test)]

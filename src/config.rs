@@ -30,6 +30,11 @@ use crate::quota::{Bucket, BucketOverrides, BucketWindows};
 use crate::units::{parse_duration, parse_size};
 use crate::upstream::retry::Backoff;
 
+// Each stage owns its settings type; the config layer fills them in.
+pub use crate::quota::{OnLimit, QuotaConfig};
+pub use crate::upstream::retry::{CircuitConfig, RetryConfig};
+pub use crate::upstream::UpstreamConfig;
+
 pub const DEFAULT_CONFIG_PATH: &str = "config/gateway.toml";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
@@ -228,50 +233,6 @@ pub struct Config {
     pub tokens: Vec<TokenConfig>,
 }
 
-/// `[quotas]`: the defaults every `[[users]]` entry gets, and what to do
-/// when a request is over a limit.
-#[derive(Debug, Clone)]
-pub struct QuotaConfig {
-    pub defaults: BucketWindows,
-    pub on_limit: OnLimit,
-    /// With `OnLimit::Wait`: the longest a request is held before rejection.
-    pub max_wait: Duration,
-    /// Added to every sliding window, so Knoq (counting on arrival) never
-    /// sees more than its limit in its own window.
-    pub margin: Duration,
-}
-
-/// `[retry]`: how Knoq's 502/503 and lost connections are retried.
-#[derive(Debug, Clone)]
-pub struct RetryConfig {
-    /// Upstream attempts per request, the first included (1 = no retry).
-    pub attempts: u32,
-    pub backoff: Backoff,
-    /// No retry starts after this long since the request arrived.
-    pub deadline: Duration,
-    /// Retries may add at most this fraction of recent first attempts...
-    pub budget: f64,
-    /// ...plus this many per 10 s, gateway-wide.
-    pub budget_floor: u32,
-    /// Wait before the second look when reconciling an ambiguous POST.
-    pub reconcile_settle: Duration,
-    /// Resend once when reconciliation finds nothing (may duplicate).
-    pub resend_unconfirmed: bool,
-}
-
-/// `[circuit]`: fail fast while Knoq is down.
-#[derive(Debug, Clone)]
-pub struct CircuitConfig {
-    pub failures: u32,
-    pub open_for: Duration,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnLimit {
-    Reject,
-    Wait,
-}
-
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
@@ -301,22 +262,6 @@ pub struct TlsFiles {
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
-}
-
-#[derive(Debug, Clone)]
-pub struct UpstreamConfig {
-    /// Scheme and authority only, e.g. `https://knoq.one`.
-    pub url: Uri,
-    /// The `Origin` sent with every request (Knoq's CSRF guard checks it).
-    pub origin: HeaderValue,
-    pub ca_file: Option<PathBuf>,
-    pub connect_timeout: Duration,
-    /// Bound on the whole exchange: connect, send, response head and body.
-    pub timeout: Duration,
-    pub pool_idle_timeout: Duration,
-    pub pool_max_idle: usize,
-    /// Offer HTTP/2 by ALPN (else HTTP/1.1 only, with a connection pool).
-    pub http2: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -450,6 +395,15 @@ impl Config {
         let mut config = Config::from_toml_str(&text, base)?;
         config.source = Some(path.to_path_buf());
         Ok(config)
+    }
+
+    /// Which quota windows apply to each account and token.
+    pub fn quota_policy(&self) -> crate::quota::Policy {
+        crate::quota::Policy::new(
+            &self.quotas.defaults,
+            self.users.iter().map(|u| (u.name.as_str(), &u.quotas)),
+            self.tokens.iter().map(|t| (t.name.as_str(), &t.quotas)),
+        )
     }
 
     /// Parses and validates config text; relative paths resolve against `base`.

@@ -144,7 +144,7 @@ pub fn prepare_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Prepa
     let client_tls = tls::client_config(config.upstream.ca_file.as_deref())
         .map_err(|e| problems.push(Problem::new("upstream.ca_file", e)))
         .ok();
-    let policy = quota::Policy::new(&config);
+    let policy = config.quota_policy();
     let margin = config.quotas.margin.as_millis() as Millis;
     let now = clock.now();
     let store = state::ensure_dir(&config.state.dir)
@@ -215,7 +215,7 @@ pub(crate) fn build_gateway(
         None => Credentials::load(&config),
     }
     .map_err(ConfigError::from)?;
-    let policy = quota::Policy::new(&config);
+    let policy = config.quota_policy();
     // A reload may add or lengthen windows: the journal must keep what the
     // new ones need (a bucket that had none was not even written).
     store.set_retention(policy.retention(config.quotas.margin.as_millis() as Millis));
@@ -225,7 +225,14 @@ pub(crate) fn build_gateway(
             allowed_hosts: config.server.allowed_hosts.clone(),
         },
         max_body: config.server.max_body,
-        tokens: auth::TokenTable::new(&config.tokens),
+        tokens: auth::TokenTable::new(config.tokens.iter().map(|t| {
+            let principal = auth::Principal {
+                token: t.name.as_str().into(),
+                user: t.user.as_str().into(),
+                scim: t.scim,
+            };
+            (t.sha256, principal)
+        })),
         credentials: Arc::new(credentials),
         forwarder,
         origin: config.upstream.origin.clone(),

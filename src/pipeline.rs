@@ -40,7 +40,7 @@ use crate::forward::{Forwarder, Outbound, X_ATTEMPTS};
 use crate::headers::{self, UpstreamAuth, X_REQUEST_ID};
 use crate::inspect::HygieneRules;
 use crate::metrics::Metrics;
-use crate::quota::{Bucket, Quotas};
+use crate::quota::{Bucket, Caller, Quotas};
 use crate::route::{self, Route};
 
 /// Everything the request path needs, built once at start-up.
@@ -242,7 +242,11 @@ impl Gateway {
         // Quota last before sending: a request refused for another reason
         // (including an open circuit) consumes nothing.
         self.forwarder.precheck()?;
-        let grant = self.quotas.admit(&principal, route).await?;
+        let caller = Caller {
+            user: &principal.user,
+            token: &principal.token,
+        };
+        let grant = self.quotas.admit(caller, route).await?;
 
         let cookie_ref = match &auth {
             UpstreamAuth::Cookie(c) => Some(*c),
@@ -257,7 +261,7 @@ impl Gateway {
         parts.headers.insert(X_REQUEST_ID, request_id);
         parts.uri = self.forwarder.upstream.uri_for(parts.uri.path_and_query());
 
-        let charge_retry = || self.quotas.charge_retry(&principal, route);
+        let charge_retry = || self.quotas.charge_retry(caller, route);
         let mut outbound = Outbound {
             parts,
             body,
@@ -303,7 +307,7 @@ impl Gateway {
                 let current = self
                     .credentials
                     .cookie(&principal.user)
-                    .filter(|_| self.quotas.charge_retry(&principal, route));
+                    .filter(|_| self.quotas.charge_retry(caller, route));
                 if let Some(current) = current {
                     outbound.parts.headers.insert(http::header::COOKIE, current);
                     rsp = self.forward(&outbound, ctx).await?;
@@ -333,7 +337,7 @@ impl Gateway {
                     .inc();
             }
             let retry_after = rsp.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok());
-            self.quotas.knoq_refused(&principal, route, retry_after);
+            self.quotas.knoq_refused(caller, route, retry_after);
         }
         if let Some(standing) = grant.and_then(|g| g.tightest) {
             headers::insert_rate_limit(rsp.headers_mut(), &standing);

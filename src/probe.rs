@@ -14,10 +14,10 @@ use std::sync::Mutex;
 use http::header::{COOKIE, ORIGIN};
 use http::{Request, StatusCode};
 
-use crate::auth::Principal;
 use crate::body;
 use crate::clock::Millis;
 use crate::pipeline::Gateway;
+use crate::quota::Caller;
 use crate::route::Route;
 
 /// When each account was last probed.
@@ -59,12 +59,11 @@ impl Prober {
 }
 
 async fn probe(gateway: &Gateway, user: &str, now: Millis) {
-    let who = Principal {
-        token: "(probe)".into(),
-        user: user.into(),
-        scim: false,
+    let who = Caller {
+        user,
+        token: "(probe)",
     };
-    if !gateway.quotas.charge_retry(&who, Route::SessionsList) {
+    if !gateway.quotas.charge_retry(who, Route::SessionsList) {
         tracing::debug!(user, "probe skipped: the read quota does not admit it now");
         return;
     }

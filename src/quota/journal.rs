@@ -120,7 +120,7 @@ impl Retention {
     pub fn horizon(self, now: Millis) -> Millis {
         let sliding = now.saturating_sub(self.span);
         if self.months {
-            let month = super::window::month_start(super::window::month_index(now));
+            let month = crate::clock::month_start(crate::clock::month_index(now));
             sliding.min(month.saturating_sub(self.margin))
         } else {
             sliding
@@ -570,7 +570,7 @@ mod tests {
 
     #[test]
     fn a_month_window_keeps_what_the_last_margin_of_the_previous_month_spilled() {
-        use crate::quota::window::{month_index, month_start};
+        use crate::clock::{month_index, month_start};
         let d = dir("month-spill");
         let start = month_start(month_index(1_795_000_000_000));
         let mut r = Retentions::default();

@@ -29,9 +29,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use tokio::sync::Semaphore;
 
-use crate::auth::Principal;
 use crate::clock::{Clock, Millis};
-use crate::config::{Config, OnLimit};
 use crate::route::Route;
 use window::Window;
 
@@ -178,6 +176,32 @@ impl QuotaExceeded {
     }
 }
 
+/// `[quotas]`: the defaults every `[[users]]` entry gets, and what to do
+/// when a request is over a limit.
+#[derive(Debug, Clone)]
+pub struct QuotaConfig {
+    pub defaults: BucketWindows,
+    pub on_limit: OnLimit,
+    /// With `OnLimit::Wait`: the longest a request is held before rejection.
+    pub max_wait: Duration,
+    /// Added to every sliding window, so Knoq (counting on arrival) never
+    /// sees more than its limit in its own window.
+    pub margin: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnLimit {
+    Reject,
+    Wait,
+}
+
+/// Who a quota decision is for: the Knoq account and the tool's token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller<'a> {
+    pub user: &'a str,
+    pub token: &'a str,
+}
+
 /// Which windows apply to whom, resolved once from the config.
 #[derive(Debug, Default)]
 pub struct Policy {
@@ -186,25 +210,26 @@ pub struct Policy {
 }
 
 impl Policy {
-    pub fn new(config: &Config) -> Self {
-        let users = config
-            .users
-            .iter()
-            .map(|u| {
-                let windows = std::array::from_fn(|b| {
-                    u.quotas[b]
-                        .clone()
-                        .unwrap_or_else(|| config.quotas.defaults[b].clone())
-                });
-                (u.name.as_str().into(), windows)
+    /// Resolves each account's windows (its own buckets, else the
+    /// defaults) and each token's share (none unless it sets one).
+    pub fn new<'a>(
+        defaults: &BucketWindows,
+        users: impl IntoIterator<Item = (&'a str, &'a BucketOverrides)>,
+        tokens: impl IntoIterator<Item = (&'a str, &'a BucketOverrides)>,
+    ) -> Self {
+        let users = users
+            .into_iter()
+            .map(|(name, own)| {
+                let windows =
+                    std::array::from_fn(|b| own[b].clone().unwrap_or_else(|| defaults[b].clone()));
+                (name.into(), windows)
             })
             .collect();
-        let tokens = config
-            .tokens
-            .iter()
-            .map(|t| {
-                let windows = std::array::from_fn(|b| t.quotas[b].clone().unwrap_or_default());
-                (t.name.as_str().into(), windows)
+        let tokens = tokens
+            .into_iter()
+            .map(|(name, own)| {
+                let windows = std::array::from_fn(|b| own[b].clone().unwrap_or_default());
+                (name.into(), windows)
             })
             .collect();
         Policy { users, tokens }
@@ -261,7 +286,7 @@ impl Quotas {
         policy: Policy,
         store: Arc<dyn QuotaStore>,
         clock: Arc<dyn Clock>,
-        config: &crate::config::QuotaConfig,
+        config: &QuotaConfig,
     ) -> Self {
         Quotas {
             policy,
@@ -293,7 +318,7 @@ impl Quotas {
     /// Admits one request for `route`, or refuses it (see the module doc).
     pub async fn admit(
         &self,
-        who: &Principal,
+        who: Caller<'_>,
         route: Route,
     ) -> Result<Option<Grant>, QuotaExceeded> {
         let Some(bucket) = Bucket::for_route(route) else {
@@ -352,19 +377,19 @@ impl Quotas {
     }
 
     /// What `who` asks of `bucket`: its account's and its token's windows.
-    fn demand<'a>(&'a self, who: &'a Principal, bucket: Bucket) -> Demand<'a> {
+    fn demand<'a>(&'a self, who: Caller<'a>, bucket: Bucket) -> Demand<'a> {
         Demand {
-            user: &who.user,
-            token: &who.token,
+            user: who.user,
+            token: who.token,
             bucket,
-            user_windows: self.policy.user_windows(&who.user, bucket),
-            token_windows: self.policy.token_windows(&who.token, bucket),
+            user_windows: self.policy.user_windows(who.user, bucket),
+            token_windows: self.policy.token_windows(who.token, bucket),
         }
     }
 
     /// Charges quota for a retry of an admitted request, without waiting:
     /// Knoq may count every attempt. `false` means stop retrying.
-    pub fn charge_retry(&self, who: &Principal, route: Route) -> bool {
+    pub fn charge_retry(&self, who: Caller<'_>, route: Route) -> bool {
         let Some(bucket) = Bucket::for_route(route) else {
             return true;
         };
@@ -374,7 +399,7 @@ impl Quotas {
 
     /// Knoq answered 429 on `route`: stop sending that bucket for the user
     /// until Knoq's `Retry-After` (seconds; 60 when absent or unreadable).
-    pub fn knoq_refused(&self, who: &Principal, route: Route, retry_after: Option<&str>) {
+    pub fn knoq_refused(&self, who: Caller<'_>, route: Route, retry_after: Option<&str>) {
         let Some(bucket) = Bucket::for_route(route) else {
             return;
         };
@@ -383,7 +408,7 @@ impl Quotas {
             .unwrap_or(60);
         let now = self.clock.now();
         self.store
-            .cool_down(&who.user, bucket, now, now + secs * 1000);
+            .cool_down(who.user, bucket, now, now + secs * 1000);
         tracing::warn!(
             user = %who.user,
             bucket = bucket.label(),
@@ -396,28 +421,43 @@ impl Quotas {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An owned caller, as the pipeline's principal would be.
+    #[derive(Clone)]
+    struct Who {
+        token: String,
+        user: String,
+    }
+
+    impl Who {
+        fn c(&self) -> Caller<'_> {
+            Caller {
+                user: &self.user,
+                token: &self.token,
+            }
+        }
+    }
     use crate::clock::SystemClock;
     use std::path::Path;
 
-    fn setup(quotas: &str) -> (Arc<Quotas>, Principal) {
+    fn setup(quotas: &str) -> (Arc<Quotas>, Who) {
         let text = format!(
             "[quotas]\n{quotas}\n[[users]]\nname = \"alice\"\ncookie_env = \"X\"\n[[tokens]]\nname = \"svc\"\nuser = \"alice\"\nsha256 = \"{}\"\n\
              [[tokens]]\nname = \"tight\"\nuser = \"alice\"\nsha256 = \"{}\"\nquotas = {{ message = [\"1/min\"] }}\n",
             "ab".repeat(32),
             "cd".repeat(32)
         );
-        let config = Config::from_toml_str(&text, Path::new("/")).unwrap();
+        let config = crate::config::Config::from_toml_str(&text, Path::new("/")).unwrap();
         let margin = config.quotas.margin.as_millis() as Millis;
         let q = Quotas::new(
-            Policy::new(&config),
+            config.quota_policy(),
             Arc::new(LocalStore::in_memory(margin)),
             Arc::new(SystemClock::new()),
             &config.quotas,
         );
-        let who = Principal {
+        let who = Who {
             token: "svc".into(),
             user: "alice".into(),
-            scim: false,
         };
         (Arc::new(q), who)
     }
@@ -435,13 +475,13 @@ mod tests {
             "message = [\"1/sec\"]\nmargin = \"0s\"\non_limit = \"wait\"\nmax_wait = \"10s\"",
         );
         let start = tokio::time::Instant::now();
-        q.admit(&who, Route::MessageSend).await.unwrap();
+        q.admit(who.c(), Route::MessageSend).await.unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut tasks = Vec::new();
         for name in ["first", "second", "gone", "third"] {
             let (q, who, tx) = (q.clone(), who.clone(), tx.clone());
             tasks.push(tokio::spawn(async move {
-                q.admit(&who, Route::MessageSend).await.unwrap();
+                q.admit(who.c(), Route::MessageSend).await.unwrap();
                 tx.send((name, start.elapsed().as_millis())).unwrap();
             }));
             settle().await;
@@ -460,18 +500,18 @@ mod tests {
         let (q, svc) = setup(
             "message = [\"60/min\"]\nmargin = \"0s\"\non_limit = \"wait\"\nmax_wait = \"2min\"",
         );
-        let tight = Principal {
+        let tight = Who {
             token: "tight".into(),
             ..svc.clone()
         };
-        q.admit(&tight, Route::MessageSend).await.unwrap();
+        q.admit(tight.c(), Route::MessageSend).await.unwrap();
         let waiting = {
             let (q, tight) = (q.clone(), tight.clone());
-            tokio::spawn(async move { q.admit(&tight, Route::MessageSend).await })
+            tokio::spawn(async move { q.admit(tight.c(), Route::MessageSend).await })
         };
         settle().await;
         let start = tokio::time::Instant::now();
-        q.admit(&svc, Route::MessageSend).await.unwrap();
+        q.admit(svc.c(), Route::MessageSend).await.unwrap();
         assert!(
             start.elapsed() < Duration::from_millis(1),
             "svc was not queued behind tight"
@@ -484,10 +524,10 @@ mod tests {
     async fn a_wait_longer_than_max_wait_is_refused_with_the_full_retry_time() {
         let (q, who) =
             setup("message = [\"2/min\"]\nmargin = \"0s\"\non_limit = \"wait\"\nmax_wait = \"5s\"");
-        q.admit(&who, Route::MessageSend).await.unwrap();
-        q.admit(&who, Route::MessageSend).await.unwrap();
+        q.admit(who.c(), Route::MessageSend).await.unwrap();
+        q.admit(who.c(), Route::MessageSend).await.unwrap();
         let before = tokio::time::Instant::now();
-        let err = q.admit(&who, Route::MessageSend).await.unwrap_err();
+        let err = q.admit(who.c(), Route::MessageSend).await.unwrap_err();
         assert_eq!(err.retry_after_secs, 60);
         assert!(
             before.elapsed() < Duration::from_secs(5),
@@ -498,20 +538,24 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn reject_mode_answers_at_once_and_reads_are_free_by_default() {
         let (q, who) = setup("message = [\"1/min\"]");
-        q.admit(&who, Route::MessageSend).await.unwrap();
-        let err = q.admit(&who, Route::MessageSend).await.unwrap_err();
+        q.admit(who.c(), Route::MessageSend).await.unwrap();
+        let err = q.admit(who.c(), Route::MessageSend).await.unwrap_err();
         // 60 s plus the default 250 ms margin, rounded up.
         assert_eq!(err.retry_after_secs, 61);
         assert_eq!(err.limit(), "1/min");
         for _ in 0..100 {
             assert!(q
-                .admit(&who, Route::Transcript)
+                .admit(who.c(), Route::Transcript)
                 .await
                 .unwrap()
                 .unwrap()
                 .tightest
                 .is_none());
         }
-        assert!(q.admit(&who, Route::SessionDelete).await.unwrap().is_none());
+        assert!(q
+            .admit(who.c(), Route::SessionDelete)
+            .await
+            .unwrap()
+            .is_none());
     }
 }

@@ -413,7 +413,7 @@ mod tests {
             std::path::Path::new("/"),
         )
         .unwrap();
-        let policy = Policy::new(&config);
+        let policy = config.quota_policy();
         let open = |now| {
             let (j, history) = Journal::open(&dir, now, policy.retention(0), 1 << 20).unwrap();
             LocalStore::open(j, history, &policy, 0)

@@ -14,10 +14,8 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
 
-use crate::clock::{days_from_civil, Millis};
+use crate::clock::{month_index, month_start, Millis, DAY_MS};
 use crate::units::parse_duration;
-
-const DAY_MS: Millis = 86_400_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Period {
@@ -244,37 +242,10 @@ fn live(hits: &VecDeque<Millis>, span: Millis, now: Millis) -> usize {
     hits.len() - expired
 }
 
-/// Calendar month of a timestamp, as months since January 1970 (UTC).
-pub fn month_index(t: Millis) -> u32 {
-    let (y, m, _) = civil_from_days((t / DAY_MS) as i64);
-    ((y - 1970) * 12 + (m as i64 - 1)) as u32
-}
-
-/// First millisecond of month `index` (months since January 1970).
-pub fn month_start(index: u32) -> Millis {
-    let y = 1970 + (index / 12) as i64;
-    let m = index % 12 + 1;
-    days_from_civil(y, m, 1) as Millis * DAY_MS
-}
-
-// Howard Hinnant's civil-calendar algorithms (proleptic Gregorian).
-/// Date of a day count since 1970-01-01 (proleptic Gregorian).
-pub(crate) fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::{civil_from_days, days_from_civil};
 
     fn w(text: &str) -> Window {
         Window::parse(text).unwrap()

@@ -14,10 +14,11 @@ pub mod retry;
 
 use std::error::Error as StdError;
 use std::io;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, Uri, Version};
+use http::{HeaderValue, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -26,7 +27,6 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 
 use crate::body::{BoxBody, BoxError, Deadline};
-use crate::config::UpstreamConfig;
 
 /// What went wrong talking to Knoq, without an HTTP answer to show for it.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +54,23 @@ impl UpstreamError {
             UpstreamError::Protocol(_) => "protocol",
         }
     }
+}
+
+/// `[upstream]`: where Knoq is and how to talk to it.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Scheme and authority only, e.g. `https://knoq.one`.
+    pub url: Uri,
+    /// The `Origin` sent with every request (Knoq's CSRF guard checks it).
+    pub origin: HeaderValue,
+    pub ca_file: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    /// Bound on the whole exchange: connect, send, response head and body.
+    pub timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle: usize,
+    /// Offer HTTP/2 by ALPN (else HTTP/1.1 only, with a connection pool).
+    pub http2: bool,
 }
 
 /// The client towards Knoq. Cheap to share: clone the `Arc` around it.

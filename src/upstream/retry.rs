@@ -14,6 +14,33 @@ use tokio::time::Instant;
 use super::UpstreamError;
 use crate::route::Route;
 
+// === Settings ===
+
+/// `[retry]`: how Knoq's 502/503 and lost connections are retried.
+#[derive(Debug, Clone)]
+pub struct RetryConfig {
+    /// Upstream attempts per request, the first included (1 = no retry).
+    pub attempts: u32,
+    pub backoff: Backoff,
+    /// No retry starts after this long since the request arrived.
+    pub deadline: Duration,
+    /// Retries may add at most this fraction of recent first attempts...
+    pub budget: f64,
+    /// ...plus this many per 10 s, gateway-wide.
+    pub budget_floor: u32,
+    /// Wait before the second look when reconciling an ambiguous POST.
+    pub reconcile_settle: Duration,
+    /// Resend once when reconciliation finds nothing (may duplicate).
+    pub resend_unconfirmed: bool,
+}
+
+/// `[circuit]`: fail fast while Knoq is down.
+#[derive(Debug, Clone)]
+pub struct CircuitConfig {
+    pub failures: u32,
+    pub open_for: Duration,
+}
+
 // === Backoff ===
 
 /// Exponential backoff with full jitter: the delay before retry `n` (1 for
