@@ -98,7 +98,7 @@ impl Handler for Admin {
                 Response::builder()
                     .status(StatusCode::OK)
                     .header(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
-                    .body(body::full(gateway.metrics.encode(&gateway)))
+                    .body(body::full(gateway.metrics.encode(&gateway.snapshot())))
                     .expect("static status and headers make a valid response")
             }
             (_, "/healthz" | "/readyz" | "/credentials" | "/metrics") => method_not_allowed(),

@@ -94,6 +94,80 @@ where
     }
 }
 
+/// A long-lived upstream body went quiet for longer than its idle bound.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream response body sent nothing for {0:?}")]
+pub struct BodyIdleTimeout(pub std::time::Duration);
+
+/// A future that resolves when the gateway starts draining.
+pub type DrainSignal = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+pin_project! {
+    /// A body bounded by the gap between two frames instead of one deadline
+    /// for the whole exchange, for responses that are meant to stay open:
+    /// it fails with [`BodyIdleTimeout`] when nothing arrives for `gap`, and
+    /// it ends cleanly (after the frame in progress) once `drain` resolves,
+    /// so a graceful shutdown is not held for its whole grace period. Like
+    /// [`Deadline`], it ends the body at a trailers frame.
+    pub struct IdleGap<B> {
+        #[pin]
+        inner: B,
+        #[pin]
+        sleep: Sleep,
+        gap: std::time::Duration,
+        drain: DrainSignal,
+    }
+}
+
+impl<B> IdleGap<B> {
+    pub fn new(inner: B, gap: std::time::Duration, drain: DrainSignal) -> Self {
+        IdleGap {
+            inner,
+            sleep: tokio::time::sleep(gap),
+            gap,
+            drain,
+        }
+    }
+}
+
+impl<B> Body for IdleGap<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let mut this = self.project();
+        if this.drain.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            this.sleep.as_mut().reset(Instant::now() + *this.gap);
+            return Poll::Ready(match frame {
+                Some(Ok(f)) if f.is_trailers() => None,
+                other => other.map(|r| r.map_err(Into::into)),
+            });
+        }
+        match this.sleep.poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(BodyIdleTimeout(*this.gap).into()))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// What went wrong reading a client's request body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyFault {
@@ -199,6 +273,86 @@ mod tests {
             Instant::now() + Duration::from_secs(5),
         );
         assert_eq!(body.collect().await.unwrap().to_bytes(), "{}");
+    }
+
+    /// A body that yields one chunk per tick of `every`, `left` times, then
+    /// ends: a stream that keeps talking.
+    struct Ticking {
+        every: tokio::time::Interval,
+        left: usize,
+    }
+
+    impl Ticking {
+        fn new(every: Duration, left: usize) -> Self {
+            let mut every = tokio::time::interval(every);
+            every.reset();
+            Ticking { every, left }
+        }
+    }
+
+    impl Body for Ticking {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            if self.left == 0 {
+                return Poll::Ready(None);
+            }
+            match self.every.poll_tick(cx) {
+                Poll::Ready(_) => {
+                    self.left -= 1;
+                    Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))))
+                }
+                Poll::Pending => Poll::Pending,
+            }
+        }
+    }
+
+    fn never_drains() -> DrainSignal {
+        Box::pin(std::future::pending())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_gap_outlives_any_single_deadline_while_chunks_keep_coming() {
+        // 30 chunks 4 s apart: 120 s in all, each gap under the 5 s bound.
+        let body = IdleGap::new(
+            Ticking::new(Duration::from_secs(4), 30),
+            Duration::from_secs(5),
+            never_drains(),
+        );
+        let start = Instant::now();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        assert_eq!(bytes.len(), 30);
+        assert!(start.elapsed() >= Duration::from_secs(120));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_gap_fails_a_body_that_goes_quiet() {
+        let body = IdleGap::new(Stalled, Duration::from_secs(5), never_drains());
+        let start = Instant::now();
+        let err = body.collect().await.unwrap_err();
+        assert!(err.is::<BodyIdleTimeout>(), "{err}");
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_gap_ends_cleanly_when_draining_begins() {
+        let drain = crate::shutdown::Drain::default();
+        let body = IdleGap::new(Stalled, Duration::from_secs(3600), Box::pin(drain.begun()));
+        let collecting = tokio::spawn(body.collect());
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(!collecting.is_finished(), "open until the drain");
+        drain.begin();
+        let done = tokio::time::timeout(Duration::from_secs(1), collecting)
+            .await
+            .expect("the body ends promptly once draining begins")
+            .unwrap();
+        assert!(
+            done.is_ok(),
+            "a drained stream ends cleanly, not with an error"
+        );
     }
 
     #[tokio::test]

@@ -15,7 +15,7 @@ use serde_json::json;
 use crate::auth::AuthError;
 use crate::body::{self, BoxBody};
 use crate::inspect::{HygieneError, ALLOWED_METHODS};
-use crate::quota::QuotaExceeded;
+use crate::quota::{QuotaError, QuotaExceeded, StoreError};
 use crate::route::PathError;
 use crate::upstream::UpstreamError;
 
@@ -42,12 +42,24 @@ pub enum GatewayError {
     ClientBodyFailed,
     #[error(transparent)]
     Quota(#[from] QuotaExceeded),
+    /// The quota store could not decide; nothing was sent.
+    #[error(transparent)]
+    QuotaStore(#[from] StoreError),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
     #[error("Knoq is failing; the gateway is not sending requests for a while")]
     CircuitOpen { retry_after_secs: u64 },
     #[error("the request may or may not have been applied by Knoq; {checked}")]
     OutcomeUnknown { timed_out: bool, checked: String },
+}
+
+impl From<QuotaError> for GatewayError {
+    fn from(e: QuotaError) -> Self {
+        match e {
+            QuotaError::Exceeded(q) => GatewayError::Quota(q),
+            QuotaError::Store(s) => GatewayError::QuotaStore(s),
+        }
+    }
 }
 
 /// Who caused the failure, as pingora's `ErrorSource`: decides log level.
@@ -136,6 +148,13 @@ impl GatewayError {
                 (StatusCode::BAD_REQUEST, "bad_request_body", Downstream)
             }
             GatewayError::Quota(_) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded", Downstream),
+            // Provisional until the shared store lands (the local store
+            // never fails): refuse rather than risk exceeding Knoq's limits.
+            GatewayError::QuotaStore(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "quota_store_unavailable",
+                Internal,
+            ),
             GatewayError::CircuitOpen { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "upstream_unavailable",
@@ -191,6 +210,9 @@ impl GatewayError {
                 crate::units::format_duration(*d)
             ),
             GatewayError::Quota(q) => format!("{q}; retry after {} s", q.retry_after_secs),
+            GatewayError::QuotaStore(_) => {
+                "the gateway cannot reach its quota store, so it sent nothing; retry shortly".into()
+            }
             GatewayError::Upstream(UpstreamError::Reset(_)) => {
                 "the connection to Knoq closed before a complete answer; it may still have acted on the request".into()
             }
@@ -222,6 +244,7 @@ impl GatewayError {
                 rsp = rsp.header(RETRY_AFTER, "60")
             }
             GatewayError::Quota(q) => rsp = rsp.header(RETRY_AFTER, q.retry_after_secs),
+            GatewayError::QuotaStore(_) => rsp = rsp.header(RETRY_AFTER, "1"),
             GatewayError::CircuitOpen { retry_after_secs } => {
                 rsp = rsp.header(RETRY_AFTER, *retry_after_secs)
             }
@@ -309,6 +332,11 @@ mod tests {
             (PathError::NotFound.into(), 404, "not_found"),
             (PathError::DotSegment.into(), 400, "bad_path"),
             (GatewayError::ScimForbidden, 403, "forbidden"),
+            (
+                StoreError::Timeout(std::time::Duration::from_millis(50)).into(),
+                503,
+                "quota_store_unavailable",
+            ),
             (
                 GatewayError::CircuitOpen {
                     retry_after_secs: 3,

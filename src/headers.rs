@@ -94,11 +94,13 @@ pub enum UpstreamAuth<'a> {
     Bearer(&'a HeaderValue),
 }
 
-/// Rewrites a client's request headers into the ones sent to Knoq.
+/// Removes everything from a client's request headers that identifies the
+/// client or is for this hop only, before the gateway adds its own
+/// identity ([`attach_identity`], once per attempt).
 ///
 /// `Host` is removed: the upstream client sets it from the upstream URL, so
 /// the client's `Host` never chooses or reaches the upstream.
-pub fn rewrite_request(headers: &mut HeaderMap, auth: UpstreamAuth<'_>, origin: &HeaderValue) {
+pub fn strip_client_identity(headers: &mut HeaderMap) {
     let hop = hop_by_hop(headers);
     // `Expect` is answered by the gateway's own server (hyper sends
     // `100 Continue` once the body is read, i.e. after authentication).
@@ -110,6 +112,13 @@ pub fn rewrite_request(headers: &mut HeaderMap, auth: UpstreamAuth<'_>, origin: 
             || n.as_str().starts_with("x-forwarded-")
             || n.as_str() == "x-real-ip"
     });
+}
+
+/// Sets how the gateway authenticates to Knoq on one attempt: the
+/// account's cookie (or, for SCIM, the SCIM bearer) and the `Origin`
+/// Knoq's CSRF guard wants. Replaces any earlier value, so a retry carries
+/// the cookie current at the moment it is sent.
+pub fn attach_identity(headers: &mut HeaderMap, auth: UpstreamAuth<'_>, origin: &HeaderValue) {
     match auth {
         UpstreamAuth::Cookie(cookie) => headers.insert(COOKIE, cookie.clone()),
         UpstreamAuth::Bearer(bearer) => headers.insert(AUTHORIZATION, bearer.clone()),
@@ -117,20 +126,26 @@ pub fn rewrite_request(headers: &mut HeaderMap, auth: UpstreamAuth<'_>, origin: 
     headers.insert(ORIGIN, origin.clone());
 }
 
-/// Filters Knoq's response headers for the client. Returns the `Set-Cookie`
-/// values removed, for the credential store to apply.
-pub fn filter_response(headers: &mut HeaderMap) -> Vec<HeaderValue> {
-    // Taken first: a `Connection` header naming `Set-Cookie` must not make
-    // the gateway miss a rotation (the cookie is for this hop anyway).
-    let set_cookies = match headers.entry(SET_COOKIE) {
+/// Takes every `Set-Cookie` line out of Knoq's response headers, for the
+/// credential store. Done before any other filtering: a `Connection`
+/// header naming `Set-Cookie` must not make the gateway miss a rotation.
+pub fn take_set_cookies(headers: &mut HeaderMap) -> Vec<HeaderValue> {
+    match headers.entry(SET_COOKIE) {
         http::header::Entry::Occupied(e) => e.remove_entry_mult().1.collect(),
         http::header::Entry::Vacant(_) => Vec::new(),
-    };
+    }
+}
+
+/// Filters Knoq's response headers for the client: hop-by-hop headers,
+/// `Alt-Svc` and `Access-Control-*` go, and so does any `Set-Cookie` left
+/// (the Knoq client has taken them already; a cookie never reaches a
+/// client whatever path a response took).
+pub fn filter_response(headers: &mut HeaderMap) {
+    headers.remove(SET_COOKIE);
     let hop = hop_by_hop(headers);
     remove_where(headers, |n| {
         hop(n) || n == ALT_SVC || n.as_str().starts_with("access-control-")
     });
-    set_cookies
 }
 
 /// The request id: a sane client-supplied `X-Request-Id` is kept (so a
@@ -232,6 +247,12 @@ fn is_secret(name: &HeaderName) -> bool {
 mod tests {
     use super::*;
 
+    /// What the gateway does to a client's headers before one attempt.
+    fn rewrite_request(h: &mut HeaderMap, auth: UpstreamAuth<'_>, origin: &HeaderValue) {
+        strip_client_identity(h);
+        attach_identity(h, auth, origin);
+    }
+
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
@@ -327,8 +348,9 @@ mod tests {
             ("retry-after", "3"),
         ]);
         // Named in Connection too: still handed over for rotation.
-        let cookies = filter_response(&mut h);
+        let cookies = take_set_cookies(&mut h);
         assert_eq!(cookies.len(), 2);
+        filter_response(&mut h);
         let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();
         assert_eq!(left, ["content-type", "retry-after"]);

@@ -46,6 +46,7 @@
 //! start-up; each stage gets only its own piece of it.
 
 pub mod admin;
+pub mod assemble;
 pub mod auth;
 pub mod body;
 pub mod cli;
@@ -58,6 +59,7 @@ pub mod error;
 pub mod forward;
 pub mod headers;
 pub mod inspect;
+pub mod knoq;
 pub mod logging;
 pub mod metrics;
 pub mod pipeline;
@@ -82,13 +84,9 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admin::Admin;
-use crate::clock::{Clock, Millis, SystemClock};
-use crate::config::{Config, ConfigError, Problem};
-use crate::credentials::Credentials;
-use crate::inspect::HygieneRules;
-use crate::pipeline::Gateway;
+use crate::clock::{Clock, SystemClock};
+use crate::config::{Config, ConfigError};
 use crate::server::ServeOptions;
-use crate::upstream::Upstream;
 
 /// A gateway ready to serve: every file read, every check passed.
 pub struct Prepared {
@@ -107,139 +105,27 @@ pub fn prepare(config: Config) -> Result<Prepared, ConfigError> {
 
 /// Checks everything `prepare` would, without changing any file.
 pub fn check(config: &Config) -> Result<(), ConfigError> {
-    let mut problems: Vec<Problem> = Vec::new();
-    if let Err(p) = Credentials::load(config) {
-        problems.extend(p);
-    }
-    if let Some(files) = &config.server.tls {
-        if let Err(e) = tls::server_config(files) {
-            problems.push(Problem::new("server.tls_key", e));
-        }
-    }
-    if let Err(e) = tls::client_config(config.upstream.ca_file.as_deref()) {
-        problems.push(Problem::new("upstream.ca_file", e));
-    }
-    if let Err(e) = quota::journal::Journal::inspect(&config.state.dir) {
-        problems.push(Problem::new("state.dir", e));
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(problems.into())
-    }
+    assemble::check(config)
 }
 
 /// As [`prepare`], with the clock quotas use (tests drive it by hand).
 pub fn prepare_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Prepared, ConfigError> {
-    let mut problems: Vec<Problem> = Vec::new();
-    if let Err(p) = Credentials::load(&config) {
-        problems.extend(p);
-    }
-    let server_tls = match &config.server.tls {
-        None => None,
-        Some(files) => tls::server_config(files)
-            .map_err(|e| problems.push(Problem::new("server.tls_key", e)))
-            .ok(),
-    };
-    let client_tls = tls::client_config(config.upstream.ca_file.as_deref())
-        .map_err(|e| problems.push(Problem::new("upstream.ca_file", e)))
-        .ok();
-    let policy = config.quota_policy();
-    let margin = config.quotas.margin.as_millis() as Millis;
-    let now = clock.now();
-    let store = state::ensure_dir(&config.state.dir)
-        .map_err(|e| format!("{}: {e}", config.state.dir.display()))
-        .and_then(|()| {
-            quota::journal::Journal::open(
-                &config.state.dir,
-                now,
-                policy.retention(margin),
-                quota::journal::SEGMENT_BYTES,
-            )
-        })
-        .map(|(journal, history)| quota::LocalStore::open(journal, history, &policy, margin))
-        .map_err(|e| problems.push(Problem::new("state.dir", e)))
-        .ok();
-    let (Some(client_tls), Some(store)) = (client_tls, store) else {
-        return Err(problems.into());
-    };
-    if !problems.is_empty() {
-        return Err(problems.into());
-    }
-    let metrics = metrics::Metrics::new();
-    let forwarder = Arc::new(forward::Forwarder::new(
-        Upstream::new(&config.upstream, client_tls),
-        config.retry.clone(),
-        &config.circuit,
-        clock.clone(),
-        metrics.clone(),
-    ));
-    let config = Arc::new(config);
-    let gateway = build_gateway(
-        config.clone(),
-        clock.clone(),
-        Arc::new(store),
-        forwarder,
-        metrics,
-        None,
-    )?;
+    let started = assemble::start(config, clock)?;
+    let config = started.gateway.config.clone();
     // The admin port also answers to the loopback names (a DNS-rebinding
     // page cannot send those), so `credentials status` always reaches it.
-    let mut hygiene = gateway.hygiene.clone();
+    let mut hygiene = started.gateway.hygiene.clone();
     for name in ["localhost", "127.0.0.1", "[::1]"] {
         if !hygiene.allowed_hosts.iter().any(|h| h == name) {
             hygiene.allowed_hosts.push(name.to_string());
         }
     }
-    let live = Arc::new(reload::Live::new(gateway, clock));
+    let live = Arc::new(reload::Live::new(started.gateway, started.services));
     Ok(Prepared {
         admin: Arc::new(Admin::new(live.clone(), hygiene)),
         live,
-        tls: server_tls.map(|c| TlsAcceptor::from(Arc::new(c))),
+        tls: started.tls,
         config,
-    })
-}
-
-/// Builds a gateway from a validated config around a quota store and a
-/// forwarder (shared across reloads). Reads the credentials.
-pub(crate) fn build_gateway(
-    config: Arc<Config>,
-    clock: Arc<dyn Clock>,
-    store: Arc<dyn quota::QuotaStore>,
-    forwarder: Arc<forward::Forwarder>,
-    metrics: Arc<metrics::Metrics>,
-    previous: Option<&Credentials>,
-) -> Result<Gateway, ConfigError> {
-    let credentials = match previous {
-        Some(p) => Credentials::reload(&config, p),
-        None => Credentials::load(&config),
-    }
-    .map_err(ConfigError::from)?;
-    let policy = config.quota_policy();
-    // A reload may add or lengthen windows: the journal must keep what the
-    // new ones need (a bucket that had none was not even written).
-    store.set_retention(policy.retention(config.quotas.margin.as_millis() as Millis));
-    Ok(Gateway {
-        hygiene: HygieneRules {
-            max_header_bytes: config.server.max_header_bytes,
-            allowed_hosts: config.server.allowed_hosts.clone(),
-        },
-        max_body: config.server.max_body,
-        tokens: auth::TokenTable::new(config.tokens.iter().map(|t| {
-            let principal = auth::Principal {
-                token: t.name.as_str().into(),
-                user: t.user.as_str().into(),
-                scim: t.scim,
-            };
-            (t.sha256, principal)
-        })),
-        credentials: Arc::new(credentials),
-        forwarder,
-        origin: config.upstream.origin.clone(),
-        quotas: quota::Quotas::new(policy, store, clock.clone(), &config.quotas),
-        clock,
-        config,
-        metrics,
     })
 }
 
@@ -259,7 +145,7 @@ pub async fn run(
         max_connections: server.max_connections,
         max_header_bytes: server.max_header_bytes,
         shutdown_grace: server.shutdown_grace,
-        connections: Some(prepared.live.current().metrics.open_connections.clone()),
+        connections: Some(prepared.live.services().metrics.open_connections.clone()),
     };
     let admin_opts = ServeOptions {
         tls: None,
@@ -288,7 +174,7 @@ pub async fn run(
     let probes = prepared.live.clone().probe_loop(stopped(stop_rx_probe));
     let signal = async move {
         shutdown.await;
-        live.current().forwarder.begin_drain();
+        live.services().drain.begin();
         let _ = stop_tx.send(true);
     };
     tokio::join!(proxy_task, admin_task, signal, watch, probes);

@@ -9,7 +9,9 @@
 //! grow the number of series.
 //!
 //! Gauges that describe state (quota headroom, credential validity, the
-//! circuit) are computed when `/metrics` is scraped, from the live gateway.
+//! circuit) are set when `/metrics` is scraped, from a [`Snapshot`] the
+//! caller hands over: this module records and encodes, and reads no other
+//! part of the gateway.
 
 use std::sync::Arc;
 
@@ -19,9 +21,6 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::credentials::CredentialState;
-use crate::pipeline::Gateway;
-use crate::quota::Bucket;
 use crate::route::Route;
 
 /// Latency buckets from 1 ms to 60 s (the upstream timeout's default).
@@ -31,6 +30,16 @@ const BUCKETS: &[f64] = &[
 
 /// Kinds of upstream failure without an answer, for `upstream_errors_total`.
 pub const ERROR_KINDS: [&str; 5] = ["connect", "tls", "timeout", "reset", "protocol"];
+
+/// The state gauges' values at one scrape.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub circuit_open: bool,
+    /// Each account, and whether its cookie is usable.
+    pub credentials: Vec<(String, bool)>,
+    /// Each account's window headroom: (user, bucket, window unit, remaining).
+    pub quota_remaining: Vec<(String, &'static str, String, u32)>,
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -226,30 +235,19 @@ impl Metrics {
             .observe(seconds);
     }
 
-    /// Refreshes the state gauges from the live gateway, then encodes
-    /// everything in the Prometheus text format.
-    pub fn encode(&self, gateway: &Gateway) -> Vec<u8> {
-        self.circuit_open
-            .set(i64::from(gateway.forwarder.circuit_open()));
-        for s in gateway.credentials.status() {
-            let valid = !matches!(s.state, CredentialState::Expired | CredentialState::Missing);
+    /// Sets the state gauges from `state`, then encodes everything in the
+    /// Prometheus text format.
+    pub fn encode(&self, state: &Snapshot) -> Vec<u8> {
+        self.circuit_open.set(i64::from(state.circuit_open));
+        for (user, valid) in &state.credentials {
             self.credential_valid
-                .with_label_values(&[&s.user])
-                .set(i64::from(valid));
+                .with_label_values(&[user])
+                .set(i64::from(*valid));
         }
-        let now = gateway.clock.now();
-        for user in &gateway.config.users {
-            for bucket in Bucket::ALL {
-                let windows = gateway.quotas.policy().user_windows(&user.name, bucket);
-                let pairs: Vec<(Bucket, &crate::quota::window::Window)> =
-                    windows.iter().map(|w| (bucket, w)).collect();
-                let headroom = gateway.quotas.store().headroom(&user.name, &pairs, now);
-                for (w, left) in windows.iter().zip(headroom) {
-                    self.quota_remaining
-                        .with_label_values(&[&user.name, bucket.label(), w.unit_label()])
-                        .set(i64::from(left));
-                }
-            }
+        for (user, bucket, window, left) in &state.quota_remaining {
+            self.quota_remaining
+                .with_label_values(&[user, bucket, window])
+                .set(i64::from(*left));
         }
         let mut out = Vec::new();
         TextEncoder::new()

@@ -7,14 +7,15 @@
 //!        auth     -> auth.rs      (401)
 //!        route    -> route.rs     (400/404; SCIM needs a scim token: 403)
 //!        body cap -> Content-Length against server.max_body (413)
-//!        credential -> credentials.rs (the user's cookie or the SCIM token)
+//!        credential -> credentials.rs (the user has a usable cookie, or the
+//!                                    SCIM token is configured)
 //!        quota    -> quota/       (429; consumes quota only when admitted)
-//!        rewrite  -> headers.rs   (strip client identity, inject cookie + Origin)
-//!        upstream -> upstream/    (one exchange, deadline-bounded)
-//!        response -> headers.rs   (strip Set-Cookie, hop-by-hop, CORS, Alt-Svc)
-//!        lifecycle -> credentials.rs (store rotated cookies; a 401 marks the
-//!                                    cookie expired, or, if it was rotated
-//!                                    meanwhile, the request goes once more)
+//!        rewrite  -> headers.rs   (strip the client's identity)
+//!        forward  -> forward.rs   (retries, reconciliation) -> knoq.rs (per
+//!                                 attempt: circuit, cookie + Origin, metrics,
+//!                                 Set-Cookie rotation, 401 expiry or resend)
+//!                                 -> upstream/ (one bounded exchange)
+//!        response -> headers.rs   (strip hop-by-hop, CORS, Alt-Svc)
 //! ```
 //!
 //! Each stage returns a typed error that `?` lifts into `GatewayError`;
@@ -22,35 +23,40 @@
 //! authentication, so `Expect: 100-continue` is answered only for a valid
 //! token (hyper sends `100 Continue` when the body is first polled). Both
 //! bodies stream; a client that goes away drops this future, and with it
-//! the upstream request.
+//! the upstream request; the request is still logged and counted, as 499.
 
 use std::sync::Arc;
 
 use http::header::{CONTENT_LENGTH, RETRY_AFTER};
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::auth::{Principal, TokenTable};
 use crate::body::{self, BodyFault, BoxBody};
 use crate::clock::Clock;
-use crate::credentials::Credentials;
+use crate::credentials::{CredentialState, Credentials};
 use crate::error::{Blame, GatewayError};
 use crate::forward::{Forwarder, Outbound, X_ATTEMPTS};
-use crate::headers::{self, UpstreamAuth, X_REQUEST_ID};
+use crate::headers::{self, X_REQUEST_ID};
 use crate::inspect::HygieneRules;
-use crate::metrics::Metrics;
+use crate::knoq::Identity;
+use crate::metrics::{Metrics, Snapshot};
 use crate::quota::{Bucket, Caller, Quotas};
 use crate::route::{self, Route};
 
-/// Everything the request path needs, built once at start-up.
+/// The status an abandoned request is logged and counted with: the client
+/// closed the connection before the answer (nginx's 499).
+pub const CLIENT_CLOSED: u16 = 499;
+
+/// Everything the request path needs for one configuration. Built by
+/// `assemble.rs`, at start-up and at every reload.
 pub struct Gateway {
     pub(crate) hygiene: HygieneRules,
     pub(crate) max_body: u64,
     pub(crate) tokens: TokenTable,
     pub(crate) credentials: Arc<Credentials>,
     pub(crate) forwarder: Arc<Forwarder>,
-    pub(crate) origin: HeaderValue,
     pub(crate) quotas: Quotas,
     pub(crate) clock: Arc<dyn Clock>,
     /// The configuration this gateway was built from.
@@ -59,15 +65,53 @@ pub struct Gateway {
 }
 
 /// Facts the stages learn about one request, read once at the end for the
-/// log line (and, later, metrics): pingora's per-request `CTX`.
+/// log line and the metrics: pingora's per-request `CTX`.
 struct RequestCtx {
     request_id: HeaderValue,
     start: Instant,
+    method: Method,
     route: Option<Route>,
     principal: Option<Principal>,
     upstream_status: Option<StatusCode>,
     /// Upstream attempts made (0 when the gateway answered by itself).
     attempts: u32,
+}
+
+/// Holds one request's place in `knoq_gateway_inflight_requests` and owes
+/// it one log line and one `knoq_gateway_requests_total` sample. Dropped
+/// without [`finish`](InFlight::finish) (the client went away and hyper
+/// dropped the handler's future), it still pays both, with status 499.
+struct InFlight<'g> {
+    gateway: &'g Gateway,
+    ctx: RequestCtx,
+    finished: bool,
+}
+
+impl<'g> InFlight<'g> {
+    fn begin(gateway: &'g Gateway, ctx: RequestCtx) -> Self {
+        gateway.metrics.inflight.inc();
+        InFlight {
+            gateway,
+            ctx,
+            finished: false,
+        }
+    }
+
+    /// The answer is ready: its log line and sample, once.
+    fn finish(&mut self, status: StatusCode) {
+        self.finished = true;
+        self.gateway.record(&self.ctx, status);
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.gateway.metrics.inflight.dec();
+        if !self.finished {
+            let closed = StatusCode::from_u16(CLIENT_CLOSED).expect("499 is a valid status code");
+            self.gateway.record(&self.ctx, closed);
+        }
+    }
 }
 
 /// Every cause below an error, joined: "a: b: c". Our errors and the
@@ -90,18 +134,18 @@ fn cause_chain(err: &dyn std::error::Error) -> String {
 impl Gateway {
     /// Runs the pipeline for one request. Never fails: errors become JSON.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<BoxBody> {
-        let mut ctx = RequestCtx {
+        let ctx = RequestCtx {
             request_id: headers::request_id(req.headers()),
             start: Instant::now(),
+            method: req.method().clone(),
             route: None,
             principal: None,
             upstream_status: None,
             attempts: 0,
         };
-        let method = req.method().clone();
-        self.metrics.inflight.inc();
-        let result = self.handle_inner(req, &mut ctx).await;
-        self.metrics.inflight.dec();
+        let mut inflight = InFlight::begin(self, ctx);
+        let result = self.handle_inner(req, &mut inflight.ctx).await;
+        let ctx = &inflight.ctx;
         let mut rsp = match result {
             Ok(rsp) => rsp,
             Err(err) => {
@@ -140,26 +184,64 @@ impl Gateway {
         }
         rsp.headers_mut()
             .insert(X_REQUEST_ID, ctx.request_id.clone());
+        inflight.finish(rsp.status());
+        rsp
+    }
+
+    /// The one log line and the request series of a finished (or
+    /// abandoned) request.
+    fn record(&self, ctx: &RequestCtx, status: StatusCode) {
         let (user, token) = match &ctx.principal {
             Some(p) => (&*p.user, &*p.token),
             None => ("-", "-"),
         };
         let seconds = ctx.start.elapsed().as_secs_f64();
         self.metrics
-            .record_request(ctx.route, &method, rsp.status(), user, token, seconds);
+            .record_request(ctx.route, &ctx.method, status, user, token, seconds);
         tracing::info!(
             request_id = ctx.request_id.to_str().unwrap_or("-"),
-            method = method.as_str(),
+            method = ctx.method.as_str(),
             route = ctx.route.map_or("-", Route::label),
             user,
             token,
-            status = rsp.status().as_u16(),
+            status = status.as_u16(),
             upstream_status = ctx.upstream_status.map_or(0, |s| s.as_u16()),
             attempts = ctx.attempts,
             duration_us = (seconds * 1e6) as u64,
             "request"
         );
-        rsp
+    }
+
+    /// The state gauges' values now, for `/metrics`: read from memory
+    /// only, so a scrape never waits on Knoq or a store.
+    pub fn snapshot(&self) -> Snapshot {
+        let credentials = self
+            .credentials
+            .status()
+            .into_iter()
+            .map(|s| {
+                let valid = !matches!(s.state, CredentialState::Expired | CredentialState::Missing);
+                (s.user, valid)
+            })
+            .collect();
+        let mut quota_remaining = Vec::new();
+        for user in &self.config.users {
+            for bucket in Bucket::ALL {
+                for (w, left) in self.quotas.headroom(&user.name, bucket) {
+                    quota_remaining.push((
+                        user.name.clone(),
+                        bucket.label(),
+                        w.unit_label().to_string(),
+                        left,
+                    ));
+                }
+            }
+        }
+        Snapshot {
+            circuit_open: self.forwarder.knoq.circuit_open(),
+            credentials,
+            quota_remaining,
+        }
     }
 
     /// One pass through the forward stage, noting what it did in `ctx`.
@@ -206,12 +288,11 @@ impl Gateway {
             });
         }
 
-        let cookie;
-        let auth = if route.is_scim() {
+        let identity = if route.is_scim() {
             if !principal.scim {
                 return Err(GatewayError::ScimForbidden);
             }
-            UpstreamAuth::Bearer(
+            Identity::Scim(
                 self.credentials
                     .scim_bearer()
                     .ok_or(GatewayError::ScimNotConfigured)?,
@@ -222,11 +303,13 @@ impl Gateway {
                 // Fail fast: Knoq would only answer 401 again.
                 return Err(GatewayError::CredentialExpired { user: user() });
             }
-            cookie = self
-                .credentials
-                .cookie(&principal.user)
-                .ok_or_else(|| GatewayError::CredentialMissing { user: user() })?;
-            UpstreamAuth::Cookie(&cookie)
+            if self.credentials.cookie(&principal.user).is_none() {
+                return Err(GatewayError::CredentialMissing { user: user() });
+            }
+            Identity::Account {
+                user: &principal.user,
+                credentials: &self.credentials,
+            }
         };
         // The body is read whole (bounded by max_body) so that an attempt
         // can be replayed; Knoq's bodies are small JSON.
@@ -241,94 +324,34 @@ impl Gateway {
 
         // Quota last before sending: a request refused for another reason
         // (including an open circuit) consumes nothing.
-        self.forwarder.precheck()?;
+        self.forwarder.knoq.precheck()?;
         let caller = Caller {
             user: &principal.user,
             token: &principal.token,
         };
         let grant = self.quotas.admit(caller, route).await?;
 
-        let cookie_ref = match &auth {
-            UpstreamAuth::Cookie(c) => Some(*c),
-            UpstreamAuth::Bearer(_) => None,
-        };
-        headers::rewrite_request(&mut parts.headers, auth, &self.origin);
+        headers::strip_client_identity(&mut parts.headers);
         // Unique per request: HPACK must not index it, or every request
         // would evict the cookie and origin from the upstream connection's
         // header table (h2 then re-encodes them in full).
         let mut request_id = ctx.request_id.clone();
         request_id.set_sensitive(true);
         parts.headers.insert(X_REQUEST_ID, request_id);
-        parts.uri = self.forwarder.upstream.uri_for(parts.uri.path_and_query());
+        parts.uri = self.forwarder.knoq.uri_for(parts.uri.path_and_query());
 
-        let charge_retry = || self.quotas.charge_retry(caller, route);
-        let mut outbound = Outbound {
+        let outbound = Outbound {
             parts,
             body,
             route,
-            user: &principal.user,
+            identity,
+            caller,
+            quotas: &self.quotas,
             arrived: ctx.start,
-            cookie: cookie_ref,
-            origin: &self.origin,
-            charge_retry: &charge_retry,
         };
         let mut rsp = self.forward(&outbound, ctx).await?;
-        let mut set_cookies = headers::filter_response(rsp.headers_mut());
+        headers::filter_response(rsp.headers_mut());
 
-        if let Some(sent) = cookie_ref {
-            let now = self.clock.now();
-            if !set_cookies.is_empty() {
-                // Stored and published before the client gets its answer.
-                let rotated = self
-                    .credentials
-                    .apply_set_cookies(&principal.user, &set_cookies, now)
-                    .await;
-                if rotated {
-                    self.metrics
-                        .cookie_rotations
-                        .with_label_values(&[&principal.user])
-                        .inc();
-                }
-            }
-            if rsp.status() == StatusCode::UNAUTHORIZED
-                && self.credentials.mark_expired(&principal.user, sent).await
-            {
-                // Knoq's 401 is about the account's cookie, not the tool's
-                // token: say so, in the answer every later request gets.
-                return Err(GatewayError::CredentialExpired {
-                    user: principal.user.to_string(),
-                });
-            }
-            if rsp.status() == StatusCode::UNAUTHORIZED {
-                // The cookie was rotated while this request was in flight:
-                // Knoq checks the cookie before acting, so nothing happened;
-                // send it once more with the current cookie.
-                // It is one more send: it needs quota like a retry.
-                let current = self
-                    .credentials
-                    .cookie(&principal.user)
-                    .filter(|_| self.quotas.charge_retry(caller, route));
-                if let Some(current) = current {
-                    outbound.parts.headers.insert(http::header::COOKIE, current);
-                    rsp = self.forward(&outbound, ctx).await?;
-                    set_cookies = headers::filter_response(rsp.headers_mut());
-                    self.credentials
-                        .apply_set_cookies(&principal.user, &set_cookies, now)
-                        .await;
-                    let resent = &outbound.parts.headers[http::header::COOKIE];
-                    if rsp.status() == StatusCode::UNAUTHORIZED
-                        && self.credentials.mark_expired(&principal.user, resent).await
-                    {
-                        return Err(GatewayError::CredentialExpired {
-                            user: principal.user.to_string(),
-                        });
-                    }
-                }
-            }
-            if rsp.status() != StatusCode::UNAUTHORIZED {
-                self.credentials.mark_success(&principal.user, now);
-            }
-        }
         if rsp.status() == StatusCode::TOO_MANY_REQUESTS {
             if let Some(bucket) = Bucket::for_route(route) {
                 self.metrics
@@ -337,7 +360,7 @@ impl Gateway {
                     .inc();
             }
             let retry_after = rsp.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok());
-            self.quotas.knoq_refused(caller, route, retry_after);
+            self.quotas.knoq_refused(caller, route, retry_after).await;
         }
         if let Some(standing) = grant.and_then(|g| g.tightest) {
             headers::insert_rate_limit(rsp.headers_mut(), &standing);

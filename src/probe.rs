@@ -2,22 +2,18 @@
 //! `GET /api/managed-agents/sessions` when the account has been idle that
 //! long, so an expired cookie is found before a tool needs the account.
 //!
-//! A probe is charged to the account's `read` quota like any read, and is
-//! skipped when the quota does not admit it; it goes to Knoq once, without
-//! retries. Its answer feeds the credential store exactly as a tool's
-//! request would: 401 marks the cookie expired, `Set-Cookie` rotates it,
-//! anything else counts as a success.
+//! A probe is one of the gateway's own reads (`knoq.rs`): charged to the
+//! account's `read` quota and skipped when the quota does not admit it,
+//! through the circuit, without retries. Its answer feeds the credential
+//! store exactly as a tool's request would, because it takes the same path:
+//! 401 marks the cookie expired, `Set-Cookie` rotates it (and counts as a
+//! rotation), any answer below 500 counts as a success.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use http::header::{COOKIE, ORIGIN};
-use http::{Request, StatusCode};
-
-use crate::body;
 use crate::clock::Millis;
 use crate::pipeline::Gateway;
-use crate::quota::Caller;
 use crate::route::Route;
 
 /// When each account was last probed.
@@ -53,48 +49,25 @@ impl Prober {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(user.name.clone(), now);
-            probe(gateway, &user.name, now).await;
+            probe(gateway, &user.name).await;
         }
     }
 }
 
-async fn probe(gateway: &Gateway, user: &str, now: Millis) {
-    let who = Caller {
-        user,
-        token: "(probe)",
-    };
-    if !gateway.quotas.charge_retry(who, Route::SessionsList) {
-        tracing::debug!(user, "probe skipped: the read quota does not admit it now");
-        return;
-    }
-    let Some(cookie) = gateway.credentials.cookie(user) else {
-        return;
-    };
-    let upstream = &gateway.forwarder.upstream;
+async fn probe(gateway: &Gateway, user: &str) {
     let pq = http::uri::PathAndQuery::from_static("/api/managed-agents/sessions");
-    let req = Request::get(upstream.uri_for(Some(&pq)))
-        .header(COOKIE, cookie.clone())
-        .header(ORIGIN, gateway.origin.clone())
-        .body(body::empty())
-        .expect("static parts make a valid request");
-    match upstream.send(req).await {
-        Ok(mut rsp) => {
-            let set_cookies = crate::headers::filter_response(rsp.headers_mut());
-            gateway
-                .credentials
-                .apply_set_cookies(user, &set_cookies, now)
-                .await;
-            if rsp.status() == StatusCode::UNAUTHORIZED {
-                gateway.credentials.mark_expired(user, &cookie).await;
-            } else if !rsp.status().is_server_error() {
-                gateway.credentials.mark_success(user, now);
-            }
-            tracing::debug!(
-                user,
-                status = rsp.status().as_u16(),
-                "probed the account's cookie"
-            );
-        }
-        Err(e) => tracing::debug!(user, error = %e, "probe could not reach Knoq"),
+    let knoq = &gateway.forwarder.knoq;
+    match knoq
+        .read(
+            user,
+            &gateway.credentials,
+            &gateway.quotas,
+            Route::SessionsList,
+            pq,
+        )
+        .await
+    {
+        Ok(_) => tracing::debug!(user, "probed the account's cookie: Knoq accepted it"),
+        Err(e) => tracing::debug!(user, error = %e, "probed the account's cookie"),
     }
 }

@@ -19,22 +19,20 @@
 //! Times are compared with a small allowance for clock skew between the
 //! gateway and Knoq. If the first look finds nothing, one more look follows
 //! after `retry.reconcile_settle` (Knoq may still be writing). Reads go to
-//! Knoq with the same cookie, outside the quota (they are the gateway's own
-//! bookkeeping, and Knoq publishes no read limit).
+//! Knoq as the same account through the Knoq client, and are charged like
+//! every read the gateway makes on its own (`knoq.rs`).
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{COOKIE, ORIGIN};
-use http::{HeaderValue, Request, StatusCode};
-use http_body_util::BodyExt;
 use serde_json::{json, Value};
 
-use crate::body;
 use crate::clock::{parse_rfc3339_ms, Millis};
+use crate::credentials::Credentials;
+use crate::knoq::Knoq;
+use crate::quota::Quotas;
 use crate::route::Route;
-use crate::upstream::Upstream;
 
 /// Knoq's clock and ours may disagree by this much.
 const CLOCK_SKEW_MS: Millis = 2_000;
@@ -53,9 +51,9 @@ pub enum Finding {
 }
 
 pub struct Reconciler<'a> {
-    pub upstream: &'a Upstream,
-    pub cookie: &'a HeaderValue,
-    pub origin: &'a HeaderValue,
+    pub knoq: &'a Knoq,
+    pub credentials: &'a Credentials,
+    pub quotas: &'a Quotas,
     pub settle: Duration,
     pub user: &'a str,
     pub confirmed: &'a Confirmed,
@@ -255,22 +253,17 @@ impl Reconciler<'_> {
         let pq = path_and_query
             .parse()
             .map_err(|_| "could not build the read request".to_string())?;
-        let req = Request::get(self.upstream.uri_for(Some(&pq)))
-            .header(COOKIE, self.cookie.clone())
-            .header(ORIGIN, self.origin.clone())
-            .body(body::empty())
-            .map_err(|_| "could not build the read request".to_string())?;
-        let rsp = self.upstream.send(req).await.map_err(|e| e.to_string())?;
-        let status = rsp.status();
-        let bytes = rsp
-            .into_body()
-            .collect()
+        // Transcript reads and the session list are both reads.
+        let route = if path_and_query.starts_with("/api/managed-agents/transcript") {
+            Route::Transcript
+        } else {
+            Route::SessionsList
+        };
+        let bytes = self
+            .knoq
+            .read(self.user, self.credentials, self.quotas, route, pq)
             .await
-            .map_err(|_| "the read was cut off".to_string())?
-            .to_bytes();
-        if status != StatusCode::OK {
-            return Err(format!("Knoq answered {status}"));
-        }
+            .map_err(|e| e.to_string())?;
         serde_json::from_slice(&bytes).map_err(|_| "Knoq's answer was not JSON".to_string())
     }
 }

@@ -8,13 +8,9 @@
 //! the old gateway stays in force, the problems are logged with their key
 //! paths, and `/readyz` reports the failed reload.
 //!
-//! What carries over: quota state (the store is shared, so users and tokens
-//! that still exist keep what they consumed), the upstream client with its
-//! pool, circuit and retry budget when `[upstream]`, `[retry]` and
-//! `[circuit]` did not change, and rotated or operator-set cookies (they
-//! live in the state directory). Listen addresses and the clients' TLS
-//! files are bound at start-up: changing them needs a restart, and a reload
-//! says so.
+//! What is built, and what carries over from the running gateway, is
+//! decided in one place, `assemble.rs` (its module doc has the rules);
+//! this module only watches for reasons to reload and swaps the result in.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -24,10 +20,9 @@ use std::time::{Duration, SystemTime};
 use http::{Request, Response};
 use hyper::body::Incoming;
 
+use crate::assemble::{self, Services};
 use crate::body::BoxBody;
-use crate::clock::Clock;
-use crate::config::{Config, ConfigError, Problem};
-use crate::forward::Forwarder;
+use crate::config::{Config, ConfigError};
 use crate::pipeline::Gateway;
 use crate::server::Handler;
 
@@ -38,22 +33,28 @@ pub struct Live {
     current: RwLock<Arc<Gateway>>,
     /// The config file's stamp when the running config was read from it.
     loaded: Mutex<Option<(SystemTime, u64)>>,
-    clock: Arc<dyn Clock>,
+    /// What outlives every configuration (store, metrics, drain latch).
+    services: Services,
     /// The last failed reload's problems, cleared by a successful one.
     failed: Mutex<Option<String>>,
     prober: crate::probe::Prober,
 }
 
 impl Live {
-    pub fn new(gateway: Gateway, clock: Arc<dyn Clock>) -> Self {
+    pub fn new(gateway: Gateway, services: Services) -> Self {
         let loaded = gateway.config.source.as_ref().and_then(stamp);
         Live {
             current: RwLock::new(Arc::new(gateway)),
             loaded: Mutex::new(loaded),
-            clock,
+            services,
             failed: Mutex::new(None),
             prober: crate::probe::Prober::default(),
         }
+    }
+
+    /// The long-lived services every configuration shares.
+    pub fn services(&self) -> &Services {
+        &self.services
     }
 
     /// The gateway new requests use.
@@ -76,9 +77,13 @@ impl Live {
     /// nothing and returns every problem.
     pub fn reload(&self, config: Config) -> Result<(), ConfigError> {
         let old = self.current();
-        let result = self.rebuild(&old, config);
+        let result = assemble::reload(&old, &self.services, config);
         let label = if result.is_ok() { "success" } else { "failure" };
-        old.metrics.config_reloads.with_label_values(&[label]).inc();
+        self.services
+            .metrics
+            .config_reloads
+            .with_label_values(&[label])
+            .inc();
         let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
         match result {
             Ok(gateway) => {
@@ -104,7 +109,7 @@ impl Live {
                 self.reload(config)
             }
             Err(e) => {
-                self.current()
+                self.services
                     .metrics
                     .config_reloads
                     .with_label_values(&["failure"])
@@ -114,51 +119,6 @@ impl Live {
                 Err(e)
             }
         }
-    }
-
-    fn rebuild(&self, old: &Gateway, config: Config) -> Result<Gateway, ConfigError> {
-        let before = &old.config;
-        for (key, changed) in [
-            (
-                "server.listen",
-                before.server.listen != config.server.listen,
-            ),
-            ("admin.listen", before.admin.listen != config.admin.listen),
-            (
-                "server.tls_cert",
-                format!("{:?}", before.server.tls) != format!("{:?}", config.server.tls),
-            ),
-            ("state.dir", before.state.dir != config.state.dir),
-        ] {
-            if changed {
-                tracing::warn!(key, "this setting changed but applies only after a restart");
-            }
-        }
-        let same_upstream = format!("{:?}", (&before.upstream, &before.retry, &before.circuit))
-            == format!("{:?}", (&config.upstream, &config.retry, &config.circuit));
-        let forwarder = if same_upstream {
-            old.forwarder.clone()
-        } else {
-            let tls = crate::tls::client_config(config.upstream.ca_file.as_deref())
-                .map_err(|e| ConfigError::from(vec![Problem::new("upstream.ca_file", e)]))?;
-            Arc::new(Forwarder::new(
-                crate::upstream::Upstream::new(&config.upstream, tls),
-                config.retry.clone(),
-                &config.circuit,
-                self.clock.clone(),
-                old.metrics.clone(),
-            ))
-        };
-        let mut gateway = crate::build_gateway(
-            Arc::new(config),
-            self.clock.clone(),
-            old.quotas.store(),
-            forwarder,
-            old.metrics.clone(),
-            Some(&old.credentials),
-        )?;
-        gateway.quotas = gateway.quotas.keep_queues_of(&old.quotas);
-        Ok(gateway)
     }
 
     /// Probes idle accounts (`probe` in `[[users]]`) until `stop` resolves.

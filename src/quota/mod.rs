@@ -33,7 +33,7 @@ use crate::clock::{Clock, Millis};
 use crate::route::Route;
 use window::Window;
 
-pub use store::{Demand, LocalStore, QuotaStore};
+pub use store::{Demand, LocalStore, QuotaStore, StoreError};
 
 /// A group of Knoq endpoints that share a limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -195,6 +195,21 @@ pub enum OnLimit {
     Wait,
 }
 
+/// Why the quota stage did not admit a request.
+#[derive(Debug, thiserror::Error)]
+pub enum QuotaError {
+    #[error(transparent)]
+    Exceeded(#[from] QuotaExceeded),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The `on_limit = "wait"` queues, one fair line per token and bucket.
+/// Long-lived: a reload keeps them, so requests waiting in line keep their
+/// place and new ones queue behind them.
+#[derive(Clone, Default)]
+pub struct WaitQueues(Arc<DashMap<Box<str>, [Arc<Semaphore>; 4]>>);
+
 /// Who a quota decision is for: the Knoq account and the tool's token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caller<'a> {
@@ -268,7 +283,7 @@ pub struct Quotas {
     on_limit: OnLimit,
     max_wait: Duration,
     /// With `on_limit = "wait"`: one fair queue per token and bucket.
-    queues: Arc<DashMap<Box<str>, [Arc<Semaphore>; 4]>>,
+    queues: WaitQueues,
 }
 
 impl fmt::Debug for Quotas {
@@ -285,6 +300,7 @@ impl Quotas {
     pub fn new(
         policy: Policy,
         store: Arc<dyn QuotaStore>,
+        queues: WaitQueues,
         clock: Arc<dyn Clock>,
         config: &QuotaConfig,
     ) -> Self {
@@ -294,7 +310,7 @@ impl Quotas {
             clock,
             on_limit: config.on_limit,
             max_wait: config.max_wait,
-            queues: Arc::new(DashMap::new()),
+            queues,
         }
     }
 
@@ -303,40 +319,32 @@ impl Quotas {
         &self.policy
     }
 
-    /// Keeps the wait queues of `previous` (a reload), so requests waiting
-    /// in line keep their place and new ones queue behind them.
-    pub fn keep_queues_of(mut self, previous: &Quotas) -> Self {
-        self.queues = previous.queues.clone();
-        self
-    }
-
-    /// The state store, to share with the gateway a reload builds.
-    pub fn store(&self) -> Arc<dyn QuotaStore> {
-        self.store.clone()
+    /// Headroom of each of the account's windows in `bucket` now, from
+    /// the store's memory (never a round trip): for `/metrics`.
+    pub fn headroom(&self, user: &str, bucket: Bucket) -> Vec<(&Window, u32)> {
+        let windows = self.policy.user_windows(user, bucket);
+        let pairs: Vec<(Bucket, &Window)> = windows.iter().map(|w| (bucket, w)).collect();
+        let left = self.store.headroom(user, &pairs, self.clock.now());
+        windows.iter().zip(left).collect()
     }
 
     /// Admits one request for `route`, or refuses it (see the module doc).
-    pub async fn admit(
-        &self,
-        who: Caller<'_>,
-        route: Route,
-    ) -> Result<Option<Grant>, QuotaExceeded> {
+    pub async fn admit(&self, who: Caller<'_>, route: Route) -> Result<Option<Grant>, QuotaError> {
         let Some(bucket) = Bucket::for_route(route) else {
             return Ok(None);
         };
         let demand = self.demand(who, bucket);
         if self.on_limit == OnLimit::Reject || self.max_wait.is_zero() {
             let now = self.clock.now();
-            return self
-                .store
-                .acquire(&demand, now)
-                .map(Some)
-                .map_err(|r| QuotaExceeded::new(r, now));
+            return match self.store.acquire(&demand, now).await? {
+                Ok(grant) => Ok(Some(grant)),
+                Err(r) => Err(QuotaExceeded::new(r, now).into()),
+            };
         }
         self.admit_waiting(&demand).await.map(Some)
     }
 
-    async fn admit_waiting(&self, demand: &Demand<'_>) -> Result<Grant, QuotaExceeded> {
+    async fn admit_waiting(&self, demand: &Demand<'_>) -> Result<Grant, QuotaError> {
         let queue = self.queue(demand.token, demand.bucket);
         let deadline = tokio::time::Instant::now() + self.max_wait;
         // Arrival order: the semaphore is fair, so whoever asked first holds
@@ -344,20 +352,21 @@ impl Quotas {
         let Ok(_permit) = tokio::time::timeout_at(deadline, queue.acquire_owned()).await else {
             // Never reached the head: refuse without jumping the line.
             let now = self.clock.now();
-            return Err(match self.store.check(demand, now) {
+            return Err(match self.store.check(demand, now).await? {
                 Err(r) => QuotaExceeded::new(r, now),
                 Ok(()) => QuotaExceeded::queue_full(demand.bucket),
-            });
+            }
+            .into());
         };
         loop {
             let now = self.clock.now();
-            let refusal = match self.store.acquire(demand, now) {
+            let refusal = match self.store.acquire(demand, now).await? {
                 Ok(grant) => return Ok(grant),
                 Err(r) => r,
             };
             let wait = Duration::from_millis(refusal.until.saturating_sub(now));
             if tokio::time::Instant::now() + wait > deadline {
-                return Err(QuotaExceeded::new(refusal, now));
+                return Err(QuotaExceeded::new(refusal, now).into());
             }
             tokio::time::sleep(wait).await;
         }
@@ -366,11 +375,12 @@ impl Quotas {
     /// One line per tool (token) and bucket: a tool waiting on its own
     /// tighter share never holds up the account's other tools.
     fn queue(&self, token: &str, bucket: Bucket) -> Arc<Semaphore> {
-        if let Some(q) = self.queues.get(token) {
+        if let Some(q) = self.queues.0.get(token) {
             return q[bucket as usize].clone();
         }
         let entry = self
             .queues
+            .0
             .entry(token.into())
             .or_insert_with(|| std::array::from_fn(|_| Arc::new(Semaphore::new(1))));
         entry[bucket as usize].clone()
@@ -387,19 +397,27 @@ impl Quotas {
         }
     }
 
-    /// Charges quota for a retry of an admitted request, without waiting:
-    /// Knoq may count every attempt. `false` means stop retrying.
-    pub fn charge_retry(&self, who: Caller<'_>, route: Route) -> bool {
+    /// Charges quota for one more send that is not a tool's first attempt
+    /// (a retry, a resend, a read the gateway makes on its own), without
+    /// waiting: Knoq may count every one. `false` means do not send it; a
+    /// store that cannot answer says no too (it is logged).
+    pub async fn charge(&self, who: Caller<'_>, route: Route) -> bool {
         let Some(bucket) = Bucket::for_route(route) else {
             return true;
         };
         let demand = self.demand(who, bucket);
-        self.store.acquire(&demand, self.clock.now()).is_ok()
+        match self.store.acquire(&demand, self.clock.now()).await {
+            Ok(admitted) => admitted.is_ok(),
+            Err(e) => {
+                tracing::warn!(user = who.user, bucket = bucket.label(), error = %e, "quota store failed; not sending");
+                false
+            }
+        }
     }
 
     /// Knoq answered 429 on `route`: stop sending that bucket for the user
     /// until Knoq's `Retry-After` (seconds; 60 when absent or unreadable).
-    pub fn knoq_refused(&self, who: Caller<'_>, route: Route, retry_after: Option<&str>) {
+    pub async fn knoq_refused(&self, who: Caller<'_>, route: Route, retry_after: Option<&str>) {
         let Some(bucket) = Bucket::for_route(route) else {
             return;
         };
@@ -407,8 +425,13 @@ impl Quotas {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .unwrap_or(60);
         let now = self.clock.now();
-        self.store
-            .cool_down(who.user, bucket, now, now + secs * 1000);
+        if let Err(e) = self
+            .store
+            .cool_down(who.user, bucket, now, now + secs * 1000)
+            .await
+        {
+            tracing::error!(user = who.user, bucket = bucket.label(), error = %e, "quota store failed; Knoq's cool-down is not recorded");
+        }
         tracing::warn!(
             user = %who.user,
             bucket = bucket.label(),
@@ -452,6 +475,7 @@ mod tests {
         let q = Quotas::new(
             config.quota_policy(),
             Arc::new(LocalStore::in_memory(margin)),
+            WaitQueues::default(),
             Arc::new(SystemClock::new()),
             &config.quotas,
         );
@@ -460,6 +484,13 @@ mod tests {
             user: "alice".into(),
         };
         (Arc::new(q), who)
+    }
+
+    fn exceeded(e: QuotaError) -> QuotaExceeded {
+        match e {
+            QuotaError::Exceeded(q) => q,
+            QuotaError::Store(s) => panic!("the local store never fails: {s}"),
+        }
     }
 
     /// Lets every spawned task run until it blocks (time is paused).
@@ -527,7 +558,7 @@ mod tests {
         q.admit(who.c(), Route::MessageSend).await.unwrap();
         q.admit(who.c(), Route::MessageSend).await.unwrap();
         let before = tokio::time::Instant::now();
-        let err = q.admit(who.c(), Route::MessageSend).await.unwrap_err();
+        let err = exceeded(q.admit(who.c(), Route::MessageSend).await.unwrap_err());
         assert_eq!(err.retry_after_secs, 60);
         assert!(
             before.elapsed() < Duration::from_secs(5),
@@ -539,7 +570,7 @@ mod tests {
     async fn reject_mode_answers_at_once_and_reads_are_free_by_default() {
         let (q, who) = setup("message = [\"1/min\"]");
         q.admit(who.c(), Route::MessageSend).await.unwrap();
-        let err = q.admit(who.c(), Route::MessageSend).await.unwrap_err();
+        let err = exceeded(q.admit(who.c(), Route::MessageSend).await.unwrap_err());
         // 60 s plus the default 250 ms margin, rounded up.
         assert_eq!(err.retry_after_secs, 61);
         assert_eq!(err.limit(), "1/min");

@@ -1,7 +1,10 @@
 //! Quota state behind one operation: an atomic check-and-consume over
 //! several windows. [`QuotaStore`] is the seam where a shared store (Redis,
 //! for several gateway replicas) can be added without touching the request
-//! path; [`LocalStore`] keeps state in this process, journalled to disk.
+//! path: its calls are asynchronous and can fail with a [`StoreError`], so
+//! a store across a network never blocks a runtime worker, and a failure
+//! reaches `error.rs` as a typed error. [`LocalStore`] keeps state in this
+//! process, journalled to disk; it answers at once and never fails.
 //!
 //! `LocalStore` holds one `Mutex` per user (in a `DashMap`), taken for the
 //! microseconds of a check-and-consume and never across an `.await`: a
@@ -11,11 +14,14 @@
 //! nothing that was sent.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
 use std::sync::Mutex;
 
 use dashmap::DashMap;
 
-use super::journal::{Journal, Record, Retentions};
+use super::journal::{Journal, Record};
 use super::window::{Ledger, Period, Window};
 use super::{Bucket, Grant, Policy, Refusal, Scope, Standing};
 use crate::clock::Millis;
@@ -30,24 +36,59 @@ pub struct Demand<'a> {
     pub token_windows: &'a [Window],
 }
 
+/// The store could not decide (a shared store unreachable or too slow).
+/// The local store never fails this way.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the quota store did not answer within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("the quota store failed")]
+    Failed(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// What a store call returns: a future, so a networked store can wait
+/// without holding a thread, boxed so the trait can be a `dyn` seam.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
 pub trait QuotaStore: Send + Sync {
     /// If every window of the demand admits one more request at `now` and
     /// no cool-down runs, records it in all of them; otherwise changes
     /// nothing and says what refused it.
-    fn acquire(&self, demand: &Demand<'_>, now: Millis) -> Result<Grant, Refusal>;
+    fn acquire<'a>(
+        &'a self,
+        demand: &'a Demand<'a>,
+        now: Millis,
+    ) -> StoreFuture<'a, Result<Grant, Refusal>>;
 
     /// What `acquire` would refuse, without recording anything.
-    fn check(&self, demand: &Demand<'_>, now: Millis) -> Result<(), Refusal>;
+    fn check<'a>(
+        &'a self,
+        demand: &'a Demand<'a>,
+        now: Millis,
+    ) -> StoreFuture<'a, Result<(), Refusal>>;
 
     /// Refuses the user's bucket until `until` (a 429 from Knoq).
-    fn cool_down(&self, user: &str, bucket: Bucket, now: Millis, until: Millis);
+    fn cool_down<'a>(
+        &'a self,
+        user: &'a str,
+        bucket: Bucket,
+        now: Millis,
+        until: Millis,
+    ) -> StoreFuture<'a, ()>;
 
-    /// Headroom of every window of the user's buckets at `now` (metrics).
+    /// Headroom of every window of the user's buckets at `now`, for
+    /// `/metrics`. Never waits: a store across a network answers from the
+    /// last values it saw, so a scrape costs no round trip per series.
     fn headroom(&self, user: &str, windows: &[(Bucket, &Window)], now: Millis) -> Vec<u32>;
 
-    /// How long admissions must be kept from now on: the windows of the
-    /// policy just built (start-up or a reload that changed them).
-    fn set_retention(&self, retention: Retentions);
+    /// The windows in force from now on (start-up, or a reload that
+    /// changed them): a store keeps what they need, and may forget the rest.
+    fn adopt_policy(&self, policy: &Policy);
+}
+
+/// A store answer that is ready at once.
+fn ready<'a, T: Send + 'a>(value: T) -> StoreFuture<'a, T> {
+    Box::pin(std::future::ready(Ok(value)))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -99,6 +140,30 @@ impl LocalStore {
             margin,
             journal: None,
         }
+    }
+
+    /// The store of a state directory: creates the directory if needed,
+    /// checks, compacts and replays the journal in it, and appends to it
+    /// from now on. The error names the file and line of any damage.
+    pub fn open_dir(
+        dir: &Path,
+        policy: &Policy,
+        margin: Millis,
+        now: Millis,
+    ) -> Result<Self, String> {
+        crate::state::ensure_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let (journal, history) = Journal::open(
+            dir,
+            now,
+            policy.retention(margin),
+            super::journal::SEGMENT_BYTES,
+        )?;
+        Ok(LocalStore::open(journal, history, policy, margin))
+    }
+
+    /// Checks what [`open_dir`](Self::open_dir) would read, changing no file.
+    pub fn inspect_dir(dir: &Path) -> Result<(), String> {
+        Journal::inspect(dir).map(drop)
     }
 
     /// A store whose admissions and cool-downs survive restarts: replays
@@ -243,14 +308,67 @@ fn refusal(
 }
 
 impl QuotaStore for LocalStore {
-    fn check(&self, demand: &Demand<'_>, now: Millis) -> Result<(), Refusal> {
+    fn check<'a>(
+        &'a self,
+        demand: &'a Demand<'a>,
+        now: Millis,
+    ) -> StoreFuture<'a, Result<(), Refusal>> {
+        ready(self.check_now(demand, now))
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        demand: &'a Demand<'a>,
+        now: Millis,
+    ) -> StoreFuture<'a, Result<Grant, Refusal>> {
+        ready(self.acquire_now(demand, now))
+    }
+
+    fn cool_down<'a>(
+        &'a self,
+        user: &'a str,
+        bucket: Bucket,
+        now: Millis,
+        until: Millis,
+    ) -> StoreFuture<'a, ()> {
+        self.cool_down_now(user, bucket, now, until);
+        ready(())
+    }
+
+    fn headroom(&self, user: &str, windows: &[(Bucket, &Window)], now: Millis) -> Vec<u32> {
+        let margin = self.margin;
+        self.with_user(user, |state| {
+            windows
+                .iter()
+                .map(|(bucket, w)| {
+                    state
+                        .own
+                        .get(&WindowKey::new(*bucket, w))
+                        .map_or(w.limit, |l| l.remaining(w, margin, now))
+                })
+                .collect()
+        })
+    }
+
+    fn adopt_policy(&self, policy: &Policy) {
+        if let Some(journal) = &self.journal {
+            journal.set_retention(policy.retention(self.margin));
+        }
+    }
+}
+
+// The local store's answers, computed at once under the user's lock.
+impl LocalStore {
+    /// What `acquire` would refuse, without recording anything.
+    pub fn check_now(&self, demand: &Demand<'_>, now: Millis) -> Result<(), Refusal> {
         self.with_user(demand.user, |state| {
             let now = now.max(state.latest);
             refusal(state, demand, now, self.margin).map_or(Ok(()), Err)
         })
     }
 
-    fn acquire(&self, demand: &Demand<'_>, now: Millis) -> Result<Grant, Refusal> {
+    /// Checks and consumes in one step (see [`QuotaStore::acquire`]).
+    pub fn acquire_now(&self, demand: &Demand<'_>, now: Millis) -> Result<Grant, Refusal> {
         let margin = self.margin;
         self.with_user(demand.user, |state| {
             let now = now.max(state.latest);
@@ -290,7 +408,8 @@ impl QuotaStore for LocalStore {
         })
     }
 
-    fn cool_down(&self, user: &str, bucket: Bucket, now: Millis, until: Millis) {
+    /// Refuses the user's bucket until `until`, journalled.
+    pub fn cool_down_now(&self, user: &str, bucket: Bucket, now: Millis, until: Millis) {
         self.with_user(user, |state| {
             let slot = &mut state.cool_down[bucket as usize];
             *slot = (*slot).max(until);
@@ -298,27 +417,6 @@ impl QuotaStore for LocalStore {
                 journal.cool_down(now, until, user, bucket);
             }
         });
-    }
-
-    fn headroom(&self, user: &str, windows: &[(Bucket, &Window)], now: Millis) -> Vec<u32> {
-        let margin = self.margin;
-        self.with_user(user, |state| {
-            windows
-                .iter()
-                .map(|(bucket, w)| {
-                    state
-                        .own
-                        .get(&WindowKey::new(*bucket, w))
-                        .map_or(w.limit, |l| l.remaining(w, margin, now))
-                })
-                .collect()
-        })
-    }
-
-    fn set_retention(&self, retention: Retentions) {
-        if let Some(journal) = &self.journal {
-            journal.set_retention(retention);
-        }
     }
 }
 
@@ -347,14 +445,14 @@ mod tests {
             token_windows: &[],
             ..batch
         };
-        assert!(store.acquire(&batch, 0).is_ok());
-        assert!(store.acquire(&batch, 1).is_ok());
-        let r = store.acquire(&batch, 2).unwrap_err();
+        assert!(store.acquire_now(&batch, 0).is_ok());
+        assert!(store.acquire_now(&batch, 1).is_ok());
+        let r = store.acquire_now(&batch, 2).unwrap_err();
         assert_eq!((r.standing.scope, r.until), (Scope::Token, 1000));
         // The token's refusal did not consume the user's third slot.
-        let g = store.acquire(&svc, 3).unwrap();
+        let g = store.acquire_now(&svc, 3).unwrap();
         assert_eq!(g.tightest.unwrap().remaining, 0);
-        let r = store.acquire(&svc, 4).unwrap_err();
+        let r = store.acquire_now(&svc, 4).unwrap_err();
         assert_eq!(r.standing.scope, Scope::User);
         assert_eq!(r.until, 1000);
     }
@@ -370,15 +468,15 @@ mod tests {
             user_windows: &user,
             token_windows: &[],
         };
-        store.cool_down("alice", Bucket::Message, 0, 5_000);
-        let r = store.acquire(&d, 1_000).unwrap_err();
+        store.cool_down_now("alice", Bucket::Message, 0, 5_000);
+        let r = store.acquire_now(&d, 1_000).unwrap_err();
         assert_eq!((r.standing.scope, r.until), (Scope::Knoq, 5_000));
         let read = Demand {
             bucket: Bucket::Read,
             ..d
         };
-        assert!(store.acquire(&read, 1_000).is_ok());
-        assert!(store.acquire(&d, 5_000).is_ok());
+        assert!(store.acquire_now(&read, 1_000).is_ok());
+        assert!(store.acquire_now(&d, 5_000).is_ok());
     }
 
     #[test]
@@ -394,10 +492,10 @@ mod tests {
         };
         // Read 500, 499 (a slower thread), then 1499: three in (499, 1499]
         // would pass a log that trusts the order; this one refuses the third.
-        assert!(store.acquire(&d, 500).is_ok());
-        assert!(store.acquire(&d, 499).is_ok());
-        assert!(store.acquire(&d, 1_499).is_err());
-        assert!(store.acquire(&d, 1_500).is_ok());
+        assert!(store.acquire_now(&d, 500).is_ok());
+        assert!(store.acquire_now(&d, 499).is_ok());
+        assert!(store.acquire_now(&d, 1_499).is_err());
+        assert!(store.acquire_now(&d, 1_500).is_ok());
     }
 
     #[test]
@@ -426,11 +524,11 @@ mod tests {
             token_windows: &[],
         };
         let store = open(1_000);
-        assert!(store.acquire(&d(Bucket::Message), 1_000).is_ok());
-        assert!(store.acquire(&d(Bucket::Message), 1_001).is_ok());
+        assert!(store.acquire_now(&d(Bucket::Message), 1_000).is_ok());
+        assert!(store.acquire_now(&d(Bucket::Message), 1_001).is_ok());
         // Reads have no window here: admitted, and never written down.
-        assert!(store.acquire(&d(Bucket::Read), 1_002).is_ok());
-        store.cool_down("alice", Bucket::Read, 1_002, 90_000);
+        assert!(store.acquire_now(&d(Bucket::Read), 1_002).is_ok());
+        store.cool_down_now("alice", Bucket::Read, 1_002, 90_000);
         drop(store);
         let text = std::fs::read_to_string(dir.join(crate::quota::journal::FILE_NAME)).unwrap();
         assert_eq!(
@@ -439,9 +537,9 @@ mod tests {
             "only the metered admissions: {text}"
         );
         let store = open(2_000);
-        let r = store.acquire(&d(Bucket::Message), 2_000).unwrap_err();
+        let r = store.acquire_now(&d(Bucket::Message), 2_000).unwrap_err();
         assert_eq!(r.until, 1_000 + 3_600_000);
-        let r = store.acquire(&d(Bucket::Read), 2_000).unwrap_err();
+        let r = store.acquire_now(&d(Bucket::Read), 2_000).unwrap_err();
         assert_eq!((r.standing.scope, r.until), (Scope::Knoq, 90_000));
     }
 
@@ -457,10 +555,10 @@ mod tests {
             token_windows: &[],
         };
         for t in [0, 10, 2_000] {
-            assert!(store.acquire(&d, t).is_ok(), "{t}");
+            assert!(store.acquire_now(&d, t).is_ok(), "{t}");
         }
         // Per-second window is free again at 2_010, but the minute is full.
-        let r = store.acquire(&d, 2_010).unwrap_err();
+        let r = store.acquire_now(&d, 2_010).unwrap_err();
         assert_eq!(r.until, 60_000);
         assert_eq!(r.standing.window.unwrap().to_string(), "3/min");
     }

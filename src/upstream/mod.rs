@@ -3,8 +3,11 @@
 //! A hyper-util legacy `Client` with a rustls connector: HTTP/2 or HTTP/1.1
 //! chosen by ALPN, keep-alive pooling (no TLS handshake per request),
 //! redirects never followed (the client never follows them; a 3xx goes back
-//! to the caller as is). One deadline bounds the whole exchange: connect,
-//! TLS, request, response head, and the response body as it streams.
+//! to the caller as is). The caller says how a response is bounded
+//! ([`ResponseBound`]): an ordinary exchange has one deadline for all of it
+//! (connect, TLS, request, response head, and the body as it streams); a
+//! long-lived response bounds its head by the same timeout and then only
+//! the gap between two body chunks, and ends when the gateway drains.
 //!
 //! Contract: `send` takes a request whose headers are already rewritten and
 //! returns Knoq's response untouched, or an [`UpstreamError`] that says what
@@ -26,7 +29,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 
-use crate::body::{BoxBody, BoxError, Deadline};
+use crate::body::{BoxBody, BoxError, Deadline, DrainSignal, IdleGap};
 
 /// What went wrong talking to Knoq, without an HTTP answer to show for it.
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +60,7 @@ impl UpstreamError {
 }
 
 /// `[upstream]`: where Knoq is and how to talk to it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     /// Scheme and authority only, e.g. `https://knoq.one`.
     pub url: Uri,
@@ -71,6 +74,16 @@ pub struct UpstreamConfig {
     pub pool_max_idle: usize,
     /// Offer HTTP/2 by ALPN (else HTTP/1.1 only, with a connection pool).
     pub http2: bool,
+}
+
+/// How long a response may take.
+pub enum ResponseBound {
+    /// One deadline, `upstream.timeout`, for the whole exchange.
+    Exchange,
+    /// The head within `upstream.timeout`; then the body may go on as long
+    /// as no gap between two chunks exceeds `gap`, and it ends cleanly
+    /// when `drain` resolves.
+    IdleGap { gap: Duration, drain: DrainSignal },
 }
 
 /// The client towards Knoq. Cheap to share: clone the `Arc` around it.
@@ -133,11 +146,12 @@ impl Upstream {
         Uri::from_parts(parts).expect("scheme, authority and path make a valid URI")
     }
 
-    /// Sends one request and returns Knoq's response, its body bounded by
-    /// the same deadline as the head.
+    /// Sends one request and returns Knoq's response, its body bounded as
+    /// `bound` says.
     pub async fn send(
         &self,
         mut req: Request<BoxBody>,
+        bound: ResponseBound,
     ) -> Result<Response<BoxBody>, UpstreamError> {
         // The connector picks HTTP/2 or HTTP/1.1 by ALPN; the request must
         // not insist on the version the client happened to speak to us.
@@ -147,7 +161,14 @@ impl Upstream {
             .await
             .map_err(|_| UpstreamError::Timeout(self.timeout))?
             .map_err(classify)?;
-        Ok(response.map(|body| Deadline::new(body, deadline).boxed_unsync()))
+        Ok(match bound {
+            ResponseBound::Exchange => {
+                response.map(|body| Deadline::new(body, deadline).boxed_unsync())
+            }
+            ResponseBound::IdleGap { gap, drain } => {
+                response.map(|body| IdleGap::new(body, gap, drain).boxed_unsync())
+            }
+        })
     }
 }
 

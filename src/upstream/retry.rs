@@ -17,7 +17,7 @@ use crate::route::Route;
 // === Settings ===
 
 /// `[retry]`: how Knoq's 502/503 and lost connections are retried.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RetryConfig {
     /// Upstream attempts per request, the first included (1 = no retry).
     pub attempts: u32,
@@ -35,7 +35,7 @@ pub struct RetryConfig {
 }
 
 /// `[circuit]`: fail fast while Knoq is down.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CircuitConfig {
     pub failures: u32,
     pub open_for: Duration,

@@ -1,0 +1,256 @@
+//! Assembly: the one place that turns a validated [`Config`] into the
+//! running parts, for `serve`, for `check` (which changes no file) and for
+//! every reload. Nothing else constructs a long-lived service.
+//!
+//! Two kinds of parts:
+//! - **Services** ([`Services`]), long-lived: the clock, the metrics
+//!   registry, the quota store, the `on_limit = "wait"` queues and the drain
+//!   latch, built once at start-up; and the forwarder with its Knoq client
+//!   (connection pool, circuit breaker, retry budget, recently confirmed
+//!   sends), carried over by the rule below.
+//! - **Stages**, per configuration: request hygiene, the token table, the
+//!   credentials, the quota policy. Built anew from every config, around
+//!   the services ([`Gateway`]).
+//!
+//! What a reload carries over, by explicit rules:
+//!
+//! | part | kept when | otherwise |
+//! |---|---|---|
+//! | quota store, wait queues, metrics, clock, drain latch | always | `state.dir` applies after a restart (a warning says so) |
+//! | forwarder: pool, circuit, retry budget, confirmed sends | `[upstream]`, `[retry]` and `[circuit]` are equal | rebuilt from the new sections (reads `upstream.ca_file`) |
+//! | a user's live credential (cookie, status, rotation lock) | its cookie source is the same | read from the new source |
+//! | listen addresses, the clients' TLS files | bound at start-up | apply after a restart (a warning says so) |
+//!
+//! Every file a config names is read once per start, check or reload, and
+//! every problem is reported at once, with its key.
+
+use std::sync::Arc;
+
+use tokio_rustls::TlsAcceptor;
+
+use crate::auth::{Principal, TokenTable};
+use crate::clock::{Clock, Millis};
+use crate::config::{Config, ConfigError, Problem};
+use crate::credentials::Credentials;
+use crate::forward::Forwarder;
+use crate::inspect::HygieneRules;
+use crate::knoq::Knoq;
+use crate::metrics::Metrics;
+use crate::pipeline::Gateway;
+use crate::quota::{LocalStore, QuotaStore, Quotas, WaitQueues};
+use crate::shutdown::Drain;
+use crate::upstream::Upstream;
+
+/// The parts that outlive any one configuration.
+pub struct Services {
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Arc<Metrics>,
+    pub store: Arc<dyn QuotaStore>,
+    pub queues: WaitQueues,
+    pub drain: Drain,
+}
+
+/// What start-up builds: the first gateway, its services, and the
+/// clients' TLS acceptor (bound once).
+pub struct Started {
+    pub gateway: Gateway,
+    pub services: Services,
+    pub tls: Option<TlsAcceptor>,
+}
+
+/// The files a config names, each read once.
+struct Files {
+    credentials: Option<Credentials>,
+    server_tls: Option<Option<rustls::ServerConfig>>,
+    client_tls: Option<rustls::ClientConfig>,
+}
+
+/// Reads every file the config names, recording each problem.
+fn read_files(config: &Config, problems: &mut Vec<Problem>) -> Files {
+    let credentials = Credentials::load(config)
+        .map_err(|p| problems.extend(p))
+        .ok();
+    let server_tls = match &config.server.tls {
+        None => Some(None),
+        Some(files) => crate::tls::server_config(files)
+            .map_err(|e| problems.push(Problem::new("server.tls_key", e)))
+            .ok()
+            .map(Some),
+    };
+    Files {
+        credentials,
+        server_tls,
+        client_tls: client_tls(config, problems),
+    }
+}
+
+fn client_tls(config: &Config, problems: &mut Vec<Problem>) -> Option<rustls::ClientConfig> {
+    crate::tls::client_config(config.upstream.ca_file.as_deref())
+        .map_err(|e| problems.push(Problem::new("upstream.ca_file", e)))
+        .ok()
+}
+
+/// Checks everything start-up would, without changing any file (no state
+/// directory is created, no journal compacted).
+pub fn check(config: &Config) -> Result<(), ConfigError> {
+    let mut problems = Vec::new();
+    let _ = read_files(config, &mut problems);
+    if let Err(e) = LocalStore::inspect_dir(&config.state.dir) {
+        problems.push(Problem::new("state.dir", e));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.into())
+    }
+}
+
+/// Builds everything for `serve`: reads every file, opens the quota store
+/// (creating the state directory if needed), and the first gateway.
+/// Binds nothing.
+pub fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, ConfigError> {
+    let mut problems = Vec::new();
+    let files = read_files(&config, &mut problems);
+    let policy = config.quota_policy();
+    // A config that cannot start leaves the state directory as it was.
+    let store = if problems.is_empty() {
+        open_store(&config, &policy, clock.now())
+    } else {
+        LocalStore::inspect_dir(&config.state.dir).map(|()| None)
+    }
+    .map_err(|e| problems.push(Problem::new("state.dir", e)))
+    .ok()
+    .flatten();
+    let (Some(credentials), Some(server_tls), Some(client_tls), Some(store), true) = (
+        files.credentials,
+        files.server_tls,
+        files.client_tls,
+        store,
+        problems.is_empty(),
+    ) else {
+        return Err(problems.into());
+    };
+    let metrics = Metrics::new();
+    let services = Services {
+        clock,
+        metrics,
+        store,
+        queues: WaitQueues::default(),
+        drain: Drain::default(),
+    };
+    let forwarder = forwarder(&config, client_tls, &services);
+    let gateway = stages(Arc::new(config), &services, credentials, forwarder);
+    Ok(Started {
+        gateway,
+        services,
+        tls: server_tls.map(|c| TlsAcceptor::from(Arc::new(c))),
+    })
+}
+
+/// Builds the gateway for a reloaded config around the running services,
+/// or changes nothing and returns every problem.
+pub fn reload(old: &Gateway, services: &Services, config: Config) -> Result<Gateway, ConfigError> {
+    let before = &old.config;
+    for (key, changed) in [
+        (
+            "server.listen",
+            before.server.listen != config.server.listen,
+        ),
+        ("admin.listen", before.admin.listen != config.admin.listen),
+        ("server.tls_cert", before.server.tls != config.server.tls),
+        ("state.dir", before.state.dir != config.state.dir),
+    ] {
+        if changed {
+            tracing::warn!(key, "this setting changed but applies only after a restart");
+        }
+    }
+    let mut problems = Vec::new();
+    let credentials = Credentials::reload(&config, &old.credentials)
+        .map_err(|p| problems.extend(p))
+        .ok();
+    let same_upstream = before.upstream == config.upstream
+        && before.retry == config.retry
+        && before.circuit == config.circuit;
+    let forwarder = if same_upstream {
+        Some(old.forwarder.clone())
+    } else {
+        client_tls(&config, &mut problems).map(|tls| forwarder(&config, tls, services))
+    };
+    let (Some(credentials), Some(forwarder), true) = (credentials, forwarder, problems.is_empty())
+    else {
+        return Err(problems.into());
+    };
+    Ok(stages(Arc::new(config), services, credentials, forwarder))
+}
+
+/// The quota store the config asks for. Only the state directory's local
+/// store exists today; this is where a shared one will be chosen.
+fn open_store(
+    config: &Config,
+    policy: &crate::quota::Policy,
+    now: Millis,
+) -> Result<Option<Arc<dyn QuotaStore>>, String> {
+    let margin = config.quotas.margin.as_millis() as Millis;
+    let store = LocalStore::open_dir(&config.state.dir, policy, margin, now)?;
+    Ok(Some(Arc::new(store)))
+}
+
+/// The forwarder and its Knoq client for the `[upstream]`, `[retry]` and
+/// `[circuit]` sections.
+fn forwarder(config: &Config, tls: rustls::ClientConfig, services: &Services) -> Arc<Forwarder> {
+    let knoq = Knoq::new(
+        Upstream::new(&config.upstream, tls),
+        config.upstream.origin.clone(),
+        &config.circuit,
+        services.metrics.clone(),
+        services.clock.clone(),
+    );
+    Arc::new(Forwarder::new(
+        knoq,
+        config.retry.clone(),
+        services.clock.clone(),
+        services.metrics.clone(),
+        services.drain.clone(),
+    ))
+}
+
+/// The per-configuration stages around the services.
+fn stages(
+    config: Arc<Config>,
+    services: &Services,
+    credentials: Credentials,
+    forwarder: Arc<Forwarder>,
+) -> Gateway {
+    let policy = config.quota_policy();
+    // A reload may add or lengthen windows: the store must keep what the
+    // new ones need.
+    services.store.adopt_policy(&policy);
+    let tokens = TokenTable::new(config.tokens.iter().map(|t| {
+        let principal = Principal {
+            token: t.name.as_str().into(),
+            user: t.user.as_str().into(),
+            scim: t.scim,
+        };
+        (t.sha256, principal)
+    }));
+    Gateway {
+        hygiene: HygieneRules {
+            max_header_bytes: config.server.max_header_bytes,
+            allowed_hosts: config.server.allowed_hosts.clone(),
+        },
+        max_body: config.server.max_body,
+        tokens,
+        credentials: Arc::new(credentials),
+        forwarder,
+        quotas: Quotas::new(
+            policy,
+            services.store.clone(),
+            services.queues.clone(),
+            services.clock.clone(),
+            &config.quotas,
+        ),
+        clock: services.clock.clone(),
+        config,
+        metrics: services.metrics.clone(),
+    }
+}

@@ -1,0 +1,307 @@
+//! The gateway talking to Knoq as an account: the one way out. Every
+//! request the gateway sends goes through [`Knoq::exchange`], whoever asks:
+//! a tool's proxied request and its retries, the resend after a stale
+//! cookie, keep-alive probes, reconciliation reads (and later the stream
+//! poller). So each of these events is handled, and counted, once.
+//!
+//! One exchange, in order:
+//! 1. ask the circuit breaker for a pass (refused at once while it is open);
+//! 2. attach the identity as it is at this moment: the account's cookie
+//!    (`upstream_credential_missing` when there is none) or the SCIM
+//!    bearer, and `Origin`;
+//! 3. send, bounded as the caller says ([`ResponseBound`]);
+//! 4. record the upstream metrics and tell the circuit how it went (a
+//!    transport failure or a 502/503 is a failure);
+//! 5. take Knoq's `Set-Cookie` lines out of the answer and apply them to
+//!    the account (stored durably, then used; a changed cookie counts one
+//!    rotation), so no cookie ever travels further;
+//! 6. read the answer for the account: a 401 to the cookie that is still
+//!    the account's means it expired (`upstream_credential_expired`); a
+//!    401 to a cookie replaced meanwhile is stale ([`Answer::StaleCookie`]:
+//!    Knoq checks the cookie before acting, so nothing happened and the
+//!    caller may send again); any answer below 500 is a sign of life.
+//!
+//! Reads the gateway makes on its own ([`Knoq::read`]: probes,
+//! reconciliation) follow one rule: each is charged to the account's
+//! `read` quota, its user windows and no tool's share, and is not sent
+//! when that quota refuses, exactly as a tool's read would be, since Knoq
+//! may count it. With the default `read = []` that never refuses.
+//!
+//! This module knows nothing of client connections, retries or the error
+//! map: it returns Knoq's answer or a typed [`GatewayError`].
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::uri::PathAndQuery;
+use http::{HeaderValue, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use tokio::time::Instant;
+
+use crate::body::BoxBody;
+use crate::clock::Clock;
+use crate::credentials::Credentials;
+use crate::error::GatewayError;
+use crate::headers::{self, UpstreamAuth};
+use crate::metrics::Metrics;
+use crate::quota::{Caller, Quotas};
+use crate::route::Route;
+use crate::upstream::retry::{Circuit, CircuitConfig};
+use crate::upstream::{ResponseBound, Upstream};
+
+/// The token name the gateway's own reads are charged under: no tool's
+/// share has it, so only the account's windows count them.
+pub const GATEWAY_CALLER: &str = "(gateway)";
+
+/// Whose identity a request carries to Knoq.
+#[derive(Clone, Copy)]
+pub enum Identity<'a> {
+    /// A Knoq account: its cookie as the credential store has it now.
+    Account {
+        user: &'a str,
+        credentials: &'a Credentials,
+    },
+    /// The organisation's SCIM token (no cookie, nothing to rotate).
+    Scim(&'a HeaderValue),
+}
+
+/// Knoq's answer to one exchange.
+pub enum Answer {
+    /// What Knoq said, to use as it is.
+    Final(Response<BoxBody>),
+    /// Knoq answered 401 to a cookie that has been replaced since it was
+    /// sent: nothing happened at Knoq, and sending again with the current
+    /// cookie may succeed.
+    StaleCookie(Response<BoxBody>),
+}
+
+/// Why a gateway-initiated read has nothing to show.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadFailed {
+    #[error("the account's read quota does not admit it now")]
+    NotAdmitted,
+    #[error("Knoq answered {0}")]
+    Status(StatusCode),
+    #[error("the read was cut off")]
+    Cut,
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
+}
+
+/// The client of Knoq, long-lived: its connection pool and its circuit
+/// outlast reloads that leave `[upstream]` and `[circuit]` alone.
+pub struct Knoq {
+    upstream: Upstream,
+    circuit: Circuit,
+    origin: HeaderValue,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+}
+
+// === impl Knoq ===
+
+impl Knoq {
+    pub fn new(
+        upstream: Upstream,
+        origin: HeaderValue,
+        circuit: &CircuitConfig,
+        metrics: Arc<Metrics>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Knoq {
+            upstream,
+            circuit: Circuit::new(circuit.failures, circuit.open_for),
+            origin,
+            metrics,
+            clock,
+        }
+    }
+
+    /// The upstream URI for a path and query.
+    pub fn uri_for(&self, path_and_query: Option<&PathAndQuery>) -> Uri {
+        self.upstream.uri_for(path_and_query)
+    }
+
+    pub fn circuit_open(&self) -> bool {
+        self.circuit.is_open()
+    }
+
+    /// Refuses at once while the circuit is open, so that a request that
+    /// will not be sent consumes no quota.
+    pub fn precheck(&self) -> Result<(), GatewayError> {
+        match self.circuit.refuses() {
+            Some(remaining) => Err(circuit_open(remaining)),
+            None => Ok(()),
+        }
+    }
+
+    /// One exchange as `who` (see the module doc). `parts` has the
+    /// client's identity stripped and the upstream URI set; the identity is
+    /// attached here, fresh for every attempt.
+    pub async fn exchange(
+        &self,
+        who: &Identity<'_>,
+        route: Route,
+        parts: &Parts,
+        body: &Bytes,
+        bound: ResponseBound,
+    ) -> Result<Answer, GatewayError> {
+        let mut parts = parts.clone();
+        let sent = match who {
+            Identity::Account { user, credentials } => {
+                let cookie =
+                    credentials
+                        .cookie(user)
+                        .ok_or_else(|| GatewayError::CredentialMissing {
+                            user: user.to_string(),
+                        })?;
+                headers::attach_identity(
+                    &mut parts.headers,
+                    UpstreamAuth::Cookie(&cookie),
+                    &self.origin,
+                );
+                Some(cookie)
+            }
+            Identity::Scim(bearer) => {
+                headers::attach_identity(
+                    &mut parts.headers,
+                    UpstreamAuth::Bearer(bearer),
+                    &self.origin,
+                );
+                None
+            }
+        };
+        let pass = self.circuit.pass().map_err(circuit_open)?;
+        let req = Request::from_parts(
+            parts,
+            Full::new(body.clone())
+                .map_err(|n| match n {})
+                .boxed_unsync(),
+        );
+        let started = Instant::now();
+        let outcome = self.upstream.send(req, bound).await;
+        self.record(route, started, &outcome);
+        let failed = match &outcome {
+            Ok(rsp) => matches!(
+                rsp.status(),
+                StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
+            ),
+            Err(_) => true,
+        };
+        pass.record(!failed);
+        let mut rsp = outcome?;
+        let set_cookies = headers::take_set_cookies(rsp.headers_mut());
+        let (Identity::Account { user, credentials }, Some(sent)) = (who, sent) else {
+            return Ok(Answer::Final(rsp));
+        };
+        let now = self.clock.now();
+        // Stored and published before anyone sees this answer.
+        if !set_cookies.is_empty() && credentials.apply_set_cookies(user, &set_cookies, now).await {
+            self.metrics
+                .cookie_rotations
+                .with_label_values(&[user])
+                .inc();
+        }
+        if rsp.status() == StatusCode::UNAUTHORIZED {
+            if credentials.mark_expired(user, &sent).await {
+                // Knoq's 401 is about the account's cookie, not the tool's
+                // token: say so, in the answer every later request gets.
+                return Err(GatewayError::CredentialExpired {
+                    user: user.to_string(),
+                });
+            }
+            return Ok(Answer::StaleCookie(rsp));
+        }
+        if !rsp.status().is_server_error() {
+            credentials.mark_success(user, now);
+        }
+        Ok(Answer::Final(rsp))
+    }
+
+    /// A read the gateway makes on its own as an account (see the module
+    /// doc for how it is charged): `GET path_and_query`, once, and once
+    /// more if the cookie turned out to be stale. Returns the body of a
+    /// 200 answer.
+    pub async fn read(
+        &self,
+        user: &str,
+        credentials: &Credentials,
+        quotas: &Quotas,
+        route: Route,
+        path_and_query: PathAndQuery,
+    ) -> Result<Bytes, ReadFailed> {
+        let who = Identity::Account { user, credentials };
+        let caller = Caller {
+            user,
+            token: GATEWAY_CALLER,
+        };
+        let parts = Request::get(self.uri_for(Some(&path_and_query)))
+            .body(())
+            .expect("a GET of a valid URI is a valid request")
+            .into_parts()
+            .0;
+        for _ in 0..2 {
+            if !quotas.charge(caller, route).await {
+                return Err(ReadFailed::NotAdmitted);
+            }
+            let answer = self
+                .exchange(&who, route, &parts, &Bytes::new(), ResponseBound::Exchange)
+                .await?;
+            let rsp = match answer {
+                Answer::Final(rsp) => rsp,
+                Answer::StaleCookie(_) => continue,
+            };
+            let status = rsp.status();
+            let bytes = rsp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|_| ReadFailed::Cut)?
+                .to_bytes();
+            if status != StatusCode::OK {
+                return Err(ReadFailed::Status(status));
+            }
+            return Ok(bytes);
+        }
+        Err(ReadFailed::Status(StatusCode::UNAUTHORIZED))
+    }
+
+    /// The upstream series of one attempt.
+    fn record(
+        &self,
+        route: Route,
+        started: Instant,
+        outcome: &Result<Response<BoxBody>, crate::upstream::UpstreamError>,
+    ) {
+        let route = route.label();
+        self.metrics
+            .upstream_duration
+            .with_label_values(&[route])
+            .observe(started.elapsed().as_secs_f64());
+        match outcome {
+            Ok(rsp) => self
+                .metrics
+                .upstream_requests
+                .with_label_values(&[route, rsp.status().as_str()])
+                .inc(),
+            Err(e) => {
+                self.metrics
+                    .upstream_requests
+                    .with_label_values(&[route, "error"])
+                    .inc();
+                self.metrics
+                    .upstream_errors
+                    .with_label_values(&[e.kind()])
+                    .inc();
+            }
+        }
+    }
+}
+
+/// The fail-fast answer while the circuit is open for `remaining`.
+fn circuit_open(remaining: std::time::Duration) -> GatewayError {
+    GatewayError::CircuitOpen {
+        retry_after_secs: remaining.as_millis().div_ceil(1000).max(1) as u64,
+    }
+}
