@@ -16,7 +16,7 @@ The proxy under test and the upstream share CPU 0; the load generator runs on
 CPU 1 (taskset). Each target runs several times, interleaved; medians are
 reported. Installs wrk, nginx (Debian) and oha (crates.io) when missing.
 
-Usage: scripts/bench [--rounds N] [--seconds S] [--rate R]
+Usage: scripts/bench [--rounds N] [--seconds S] [--rate R] [--baseline OTHER_BINARY]
 """
 
 import argparse
@@ -159,7 +159,7 @@ def setup(bed, tmp):
     return up, path, len(body)
 
 
-def gateway_config(tmp, up, log_level, read_quota, http2="true"):
+def gateway_config(tmp, up, log_level, read_quota, http2="true", name="gateway"):
     users, tokens = [], []
     token0 = None
     for u in range(50):
@@ -180,13 +180,13 @@ url = "https://127.0.0.1:{up}"
 ca_file = "ca.pem"
 http2 = {http2}
 [state]
-dir = "state"
+dir = "state-{name}"
 [log]
 level = "{log_level}"
 [quotas]
 read = [{f'"{read_quota}"' if read_quota else ""}]
 """ + "".join(users) + "".join(tokens)
-    path = os.path.join(tmp, "gateway.toml")
+    path = os.path.join(tmp, f"{name}.toml")
     with open(path, "w") as f:
         f.write(cfg)
     return path, port, token0
@@ -317,6 +317,8 @@ def main():
     ap.add_argument("--read-quota", default="100000/sec", help='gateway read quota window, or "" for none')
     ap.add_argument("--only", default="", help="comma-separated targets to run")
     ap.add_argument("--upstream-http2", default="true", help="gateway's upstream.http2 (true/false)")
+    ap.add_argument("--baseline", default="", help="another knoq-gateway binary (e.g. an earlier commit's) "
+                    "to measure as target 'baseline' in the same run, on the same config")
     a = ap.parse_args()
     ensure_tools()
     sh(["cargo", "build", "--release", "--quiet", "--bin", "knoq-gateway", "--example", "floor_proxy"], cwd=ROOT)
@@ -338,12 +340,20 @@ def main():
         fl = bed.start([FLOOR, f"127.0.0.1:{fl_port}", f"https://127.0.0.1:{up}", os.path.join(tmp, "ca.pem"),
                         token, COOKIE, ORIGIN], 0)
         wait_port(fl_port)
+        baseline = None
+        if a.baseline:
+            bl_cfg, bl_port, _ = gateway_config(tmp, up, a.gateway_log, a.read_quota, a.upstream_http2, "baseline")
+            baseline = bed.start([a.baseline, "serve", "--config", bl_cfg], 0)
+            wait_port(bl_port)
         targets = {
             "direct": (f"https://127.0.0.1:{up}{path}", [f"Cookie: {COOKIE}", f"Origin: {ORIGIN}"], [up_pid], None),
             "nginx": (f"http://127.0.0.1:{ng_port}{path}", [f"Authorization: Bearer {token}"], ng_pids, ng_port),
             "floor": (f"http://127.0.0.1:{fl_port}{path}", [f"Authorization: Bearer {token}"], [fl.pid], fl_port),
             "knoq-gateway": (f"http://127.0.0.1:{gw_port}{path}", [f"Authorization: Bearer {token}"], [gw.pid], gw_port),
         }
+        if baseline:
+            targets["baseline"] = (f"http://127.0.0.1:{bl_port}{path}", [f"Authorization: Bearer {token}"],
+                                   [baseline.pid], bl_port)
         if a.only:
             targets = {k: v for k, v in targets.items() if k in a.only.split(",")}
         runs = {k: [] for k in targets}
@@ -378,6 +388,7 @@ def main():
         ratio("knoq-gateway", "nginx", full)
         ratio("floor", "nginx", full)
         ratio("knoq-gateway", "floor", full)
+        ratio("knoq-gateway", "baseline", full)
         ratio("knoq-gateway", "direct", [("rps", "req/s")])
         ratio("nginx", "direct", [("rps", "req/s")])
     finally:
