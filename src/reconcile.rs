@@ -160,7 +160,7 @@ impl Reconciler<'_> {
             if let Some(c) = &cursor {
                 path.push_str(&format!("&sinceEventId={}", encode(c)));
             }
-            let page = match self.get_json(&path).await {
+            let page = match self.get_json(Route::Transcript, &path).await {
                 Ok(v) => v,
                 Err(e) => {
                     return Finding::Unreadable {
@@ -199,7 +199,10 @@ impl Reconciler<'_> {
 
     async fn session(&self, text: &str, since: Millis, accounted: usize) -> Finding {
         let checked = "the session list for a session created since the request whose title starts the same text".to_string();
-        let list = match self.get_json("/api/managed-agents/sessions").await {
+        let list = match self
+            .get_json(Route::SessionsList, "/api/managed-agents/sessions")
+            .await
+        {
             Ok(v) => v,
             Err(e) => {
                 return Finding::Unreadable {
@@ -238,7 +241,7 @@ impl Reconciler<'_> {
         // alone still tells the tool its session exists.
         let path = format!("/api/managed-agents/transcript?sessionId={}", encode(&id));
         let run_id = self
-            .get_json(&path)
+            .get_json(Route::Transcript, &path)
             .await
             .ok()
             .map(|t| t["workflowRunId"].clone());
@@ -249,16 +252,11 @@ impl Reconciler<'_> {
         Finding::Found(answer)
     }
 
-    async fn get_json(&self, path_and_query: &str) -> Result<Value, String> {
+    /// Reads `path_and_query` (which `route` serves) as the account.
+    async fn get_json(&self, route: Route, path_and_query: &str) -> Result<Value, String> {
         let pq = path_and_query
             .parse()
             .map_err(|_| "could not build the read request".to_string())?;
-        // Transcript reads and the session list are both reads.
-        let route = if path_and_query.starts_with("/api/managed-agents/transcript") {
-            Route::Transcript
-        } else {
-            Route::SessionsList
-        };
         let bytes = self
             .knoq
             .read(self.user, self.credentials, self.quotas, route, pq)
