@@ -121,10 +121,10 @@ pub fn main() -> ExitCode {
         } => {
             init_plain_logging();
             let tls = match (tls_cert, tls_key) {
-                (Some(cert), Some(key)) => crate::sim::SimTls::Files { cert, key },
-                _ => crate::sim::SimTls::SelfSigned,
+                (Some(cert), Some(key)) => knoq_sim::SimTls::Files { cert, key },
+                _ => knoq_sim::SimTls::SelfSigned,
             };
-            let result = runtime().block_on(crate::sim::run_standalone(
+            let result = runtime().block_on(knoq_sim::run_standalone(
                 listen,
                 tls,
                 require_origin,

@@ -69,7 +69,6 @@ pub mod route;
 pub mod secrets;
 pub mod server;
 pub mod shutdown;
-pub mod sim;
 pub mod state;
 pub mod tls;
 pub mod units;

@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use http::Request;
-use knoq_gateway::sim::{Fault, SimRoute};
+use knoq_sim::{Fault, SimRoute};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

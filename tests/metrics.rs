@@ -6,7 +6,7 @@ mod support;
 use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
-use knoq_gateway::sim::{Fault, SimRoute};
+use knoq_sim::{Fault, SimRoute};
 use support::*;
 
 async fn scrape(bed: &TestBed) -> String {

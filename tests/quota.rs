@@ -7,7 +7,7 @@ mod support;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use knoq_gateway::sim::{Fault, SimLimits, SimRoute, Window};
+use knoq_sim::{Fault, SimLimits, SimRoute, Window};
 use support::*;
 
 const MESSAGE: &str = "/api/managed-agents/message";

@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use knoq_gateway::sim::{Fault, SimRoute};
+use knoq_sim::{Fault, SimRoute};
 use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;

@@ -16,7 +16,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use knoq_gateway::config::Config;
-use knoq_gateway::sim::{SimConfig, SimControl, SimHandle, SimKnoq, SimUser};
+use knoq_sim::{SimConfig, SimControl, SimHandle, SimKnoq, SimUser};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
