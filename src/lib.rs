@@ -53,6 +53,7 @@ pub mod clock;
 pub mod config;
 pub mod cookies;
 pub mod credentials;
+#[cfg(feature = "sim")]
 pub mod demo;
 pub mod error;
 pub mod forward;
