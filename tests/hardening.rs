@@ -12,8 +12,6 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const SESSIONS: &str = "/api/managed-agents/sessions";
-
 fn raw_get(path: &str, token: &str, extra: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n{extra}Connection: close\r\n\r\n")
 }

@@ -10,7 +10,6 @@ use std::time::Duration;
 use knoq_sim::{Fault, SimRoute};
 use support::*;
 
-const SESSIONS: &str = "/api/managed-agents/sessions";
 const BIN: &str = env!("CARGO_BIN_EXE_knoq-gateway");
 
 #[tokio::test]

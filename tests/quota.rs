@@ -10,9 +10,6 @@ use std::time::Duration;
 use knoq_sim::{Fault, SimLimits, SimRoute, Window};
 use support::*;
 
-const MESSAGE: &str = "/api/managed-agents/message";
-const SESSION: &str = "/api/managed-agents/session";
-
 async fn open_session(bed: &TestBed, token: &str) -> String {
     let r = send(
         &client(),
@@ -26,10 +23,6 @@ async fn open_session(bed: &TestBed, token: &str) -> String {
     .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     r.json()["id"].as_str().unwrap().to_string()
-}
-
-fn message(sid: &str, text: &str) -> String {
-    format!(r#"{{"sessionId":"{sid}","text":"{text}"}}"#)
 }
 
 #[tokio::test]

@@ -9,8 +9,6 @@ use std::time::Duration;
 use knoq_sim::{Fault, SimRoute};
 use support::*;
 
-const SESSIONS: &str = "/api/managed-agents/sessions";
-
 /// Rewrites the bed's config file (as an operator would).
 fn rewrite(bed: &TestBed, text: &str) {
     std::fs::write(config_path(bed), text).unwrap();

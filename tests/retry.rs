@@ -10,10 +10,6 @@ use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-const SESSIONS: &str = "/api/managed-agents/sessions";
-const MESSAGE: &str = "/api/managed-agents/message";
-const SESSION: &str = "/api/managed-agents/session";
-
 /// Fast backoff so tests take milliseconds; other keys as given.
 fn fast(extra_retry: &str) -> BedBuilder {
     BedBuilder {
@@ -54,7 +50,7 @@ fn post_message(
         "POST",
         &bed.url(MESSAGE),
         Some(bed.token("alice-svc")),
-        Some(&format!(r#"{{"sessionId":"{sid}","text":"{text}"}}"#)),
+        Some(&message(sid, text)),
     )
 }
 

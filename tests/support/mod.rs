@@ -26,6 +26,11 @@ pub const ALICE_COOKIE: &str = "knoq_session=alice-cookie-0001; theme=dark";
 pub const BOB_COOKIE: &str = "knoq_session=bob-cookie-0001";
 pub const SCIM_TOKEN: &str = "scim-token-0123456789abcdef";
 
+/// Knoq's managed-agents routes the tests call most.
+pub const SESSIONS: &str = "/api/managed-agents/sessions";
+pub const SESSION: &str = "/api/managed-agents/session";
+pub const MESSAGE: &str = "/api/managed-agents/message";
+
 /// Tokens the default bed creates: name -> (user, scim).
 pub const TOKENS: [(&str, &str, bool); 4] = [
     ("alice-svc", "alice", false),
@@ -257,6 +262,11 @@ impl TestBed {
         )
         .await
     }
+}
+
+/// The JSON body of a message to session `sid`.
+pub fn message(sid: &str, text: &str) -> String {
+    format!(r#"{{"sessionId":"{sid}","text":"{text}"}}"#)
 }
 
 pub type PlainClient = Client<HttpConnector, Full<Bytes>>;
