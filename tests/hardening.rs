@@ -197,19 +197,9 @@ async fn oversized_bodies_and_heads_get_json_413_and_431() {
     }
     .start()
     .await;
-    let c = client();
     let t = bed.token("alice-svc");
     let big = format!(r#"{{"text":"{}"}}"#, "x".repeat(2000));
-    let r = send(
-        &c,
-        req(
-            "POST",
-            &bed.url("/api/managed-agents/session"),
-            Some(t),
-            Some(&big),
-        ),
-    )
-    .await;
+    let r = bed.post(SESSION, "alice-svc", &big).await;
     assert_eq!(r.status, 413);
     assert_eq!(r.json()["code"], "body_too_large");
 

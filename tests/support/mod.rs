@@ -262,6 +262,23 @@ impl TestBed {
         )
         .await
     }
+
+    /// `POST path` through the gateway with the named token and a JSON body.
+    pub async fn post(&self, path: &str, token: &str, json: &str) -> Reply {
+        send(
+            &client(),
+            req("POST", &self.url(path), Some(self.token(token)), Some(json)),
+        )
+        .await
+    }
+
+    /// Opens a session with `text` for the named token's user; its id.
+    pub async fn open_session(&self, token: &str, text: &str) -> String {
+        let body = serde_json::json!({ "text": text }).to_string();
+        let r = self.post(SESSION, token, &body).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        r.json()["id"].as_str().unwrap().to_string()
+    }
 }
 
 /// The JSON body of a message to session `sid`.
