@@ -95,6 +95,17 @@ pub struct TestBed {
     task: Option<JoinHandle<()>>,
 }
 
+/// The bed tests/metrics.rs and tests/prometheus.rs drive: one session an
+/// hour (so a second one is refused) and fast retries.
+pub async fn metrics_bed() -> TestBed {
+    BedBuilder {
+        tail_toml: "[quotas]\nsession = [\"1/hour\"]\n[retry]\nbase_delay = \"5ms\"\nmax_delay = \"10ms\"\n".into(),
+        ..TestBed::builder()
+    }
+    .start()
+    .await
+}
+
 pub fn sim_config() -> SimConfig {
     SimConfig {
         users: vec![
@@ -278,6 +289,15 @@ impl TestBed {
         let r = self.post(SESSION, token, &body).await;
         assert_eq!(r.status, 200, "{:?}", r.body);
         r.json()["id"].as_str().unwrap().to_string()
+    }
+
+    /// `GET /metrics` on the admin port, as Prometheus scrapes it.
+    pub async fn scrape(&self) -> Reply {
+        send(
+            &client(),
+            req("GET", &format!("http://{}/metrics", self.admin), None, None),
+        )
+        .await
     }
 }
 
