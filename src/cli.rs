@@ -19,6 +19,12 @@ const EX_USAGE: u8 = 64;
     version,
     about = "Local authenticating reverse proxy for the Knoq API"
 )]
+#[cfg_attr(
+    not(feature = "sim"),
+    command(
+        after_help = "This build has no simulated Knoq: `demo` and `mock-knoq` need the `sim` feature."
+    )
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -47,6 +53,7 @@ enum Command {
         command: TokenCommand,
     },
     /// Run the simulated Knoq on its own.
+    #[cfg(feature = "sim")]
     MockKnoq {
         #[arg(long)]
         listen: SocketAddr,
@@ -59,6 +66,7 @@ enum Command {
         require_origin: bool,
     },
     /// Start a simulated Knoq and a gateway, and print curl lines to try.
+    #[cfg(feature = "sim")]
     Demo {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
@@ -113,6 +121,7 @@ pub fn main() -> ExitCode {
             command: CredentialsCommand::Status { config },
         } => report(credentials_status(&config)),
         Command::Serve { config } => serve(&config),
+        #[cfg(feature = "sim")]
         Command::MockKnoq {
             listen,
             tls_cert,
@@ -121,10 +130,10 @@ pub fn main() -> ExitCode {
         } => {
             init_plain_logging();
             let tls = match (tls_cert, tls_key) {
-                (Some(cert), Some(key)) => crate::sim::SimTls::Files { cert, key },
-                _ => crate::sim::SimTls::SelfSigned,
+                (Some(cert), Some(key)) => knoq_sim::SimTls::Files { cert, key },
+                _ => knoq_sim::SimTls::SelfSigned,
             };
-            let result = runtime().block_on(crate::sim::run_standalone(
+            let result = runtime().block_on(knoq_sim::run_standalone(
                 listen,
                 tls,
                 require_origin,
@@ -132,6 +141,7 @@ pub fn main() -> ExitCode {
             ));
             report(result.map_err(|e| e.to_string()))
         }
+        #[cfg(feature = "sim")]
         Command::Demo { listen } => {
             init_plain_logging();
             report(runtime().block_on(crate::demo::run(listen, crate::shutdown::signal())))
@@ -316,6 +326,8 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("the tokio runtime can be built")
 }
 
+/// Text logs at `info`, for the simulator's subcommands (no config file).
+#[cfg(feature = "sim")]
 fn init_plain_logging() {
     crate::logging::init(&crate::config::LogConfig {
         format: crate::config::LogFormat::Text,

@@ -17,10 +17,10 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use knoq_sim::{SimConfig, SimKnoq, DEMO_COOKIE, DEMO_USER};
 use tokio::net::TcpListener;
 
 use crate::config::Config;
-use crate::sim::{SimConfig, SimKnoq, DEMO_COOKIE, DEMO_USER};
 
 /// Runs the demo until `shutdown` resolves.
 pub async fn run(listen: SocketAddr, shutdown: impl Future<Output = ()>) -> Result<(), String> {

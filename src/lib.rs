@@ -54,6 +54,7 @@ pub mod clock;
 pub mod config;
 pub mod cookies;
 pub mod credentials;
+#[cfg(feature = "sim")]
 pub mod demo;
 pub mod error;
 pub mod forward;
@@ -71,7 +72,6 @@ pub mod route;
 pub mod secrets;
 pub mod server;
 pub mod shutdown;
-pub mod sim;
 pub mod state;
 pub mod tls;
 pub mod units;

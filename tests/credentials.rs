@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use support::*;
 
-const SESSIONS: &str = "/api/managed-agents/sessions";
 const BIN: &str = env!("CARGO_BIN_EXE_knoq-gateway");
 
 fn list(bed: &TestBed, token: &str) -> http::Request<http_body_util::Full<bytes::Bytes>> {

@@ -7,12 +7,10 @@ mod support;
 use std::time::Duration;
 
 use http::Request;
-use knoq_gateway::sim::{Fault, SimRoute};
+use knoq_sim::{Fault, SimRoute};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-const SESSIONS: &str = "/api/managed-agents/sessions";
 
 fn raw_get(path: &str, token: &str, extra: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n{extra}Connection: close\r\n\r\n")
@@ -199,19 +197,9 @@ async fn oversized_bodies_and_heads_get_json_413_and_431() {
     }
     .start()
     .await;
-    let c = client();
     let t = bed.token("alice-svc");
     let big = format!(r#"{{"text":"{}"}}"#, "x".repeat(2000));
-    let r = send(
-        &c,
-        req(
-            "POST",
-            &bed.url("/api/managed-agents/session"),
-            Some(t),
-            Some(&big),
-        ),
-    )
-    .await;
+    let r = bed.post(SESSION, "alice-svc", &big).await;
     assert_eq!(r.status, 413);
     assert_eq!(r.json()["code"], "body_too_large");
 

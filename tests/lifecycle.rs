@@ -7,10 +7,9 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use knoq_gateway::sim::{Fault, SimRoute};
+use knoq_sim::{Fault, SimRoute};
 use support::*;
 
-const SESSIONS: &str = "/api/managed-agents/sessions";
 const BIN: &str = env!("CARGO_BIN_EXE_knoq-gateway");
 
 #[tokio::test]

@@ -6,15 +6,11 @@ mod support;
 use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
-use knoq_gateway::sim::{Fault, SimRoute};
+use knoq_sim::{Fault, SimRoute};
 use support::*;
 
 async fn scrape(bed: &TestBed) -> String {
-    let r = send(
-        &client(),
-        req("GET", &format!("http://{}/metrics", bed.admin), None, None),
-    )
-    .await;
+    let r = bed.scrape().await;
     assert_eq!(r.status, 200);
     assert!(r.headers["content-type"]
         .to_str()
@@ -32,51 +28,16 @@ fn series(text: &str) -> BTreeSet<String> {
 
 #[tokio::test]
 async fn traffic_shows_up_in_the_documented_series() {
-    let bed = BedBuilder {
-        tail_toml: "[quotas]\nsession = [\"1/hour\"]\n[retry]\nbase_delay = \"5ms\"\nmax_delay = \"10ms\"\n".into(),
-        ..TestBed::builder()
-    }
-    .start()
-    .await;
-    let c = client();
+    let bed = metrics_bed().await;
     let t = bed.token("alice-svc");
-    let create = || {
-        req(
-            "POST",
-            &bed.url("/api/managed-agents/session"),
-            Some(t),
-            Some(r#"{"text":"m"}"#),
-        )
-    };
-    assert_eq!(send(&c, create()).await.status, 200);
-    assert_eq!(send(&c, create()).await.status, 429);
+    let create = || bed.post(SESSION, "alice-svc", r#"{"text":"m"}"#);
+    assert_eq!(create().await.status, 200);
+    assert_eq!(create().await.status, 429);
     bed.control
         .fail_next(SimRoute::SessionsList, vec![Fault::status(502)]);
-    assert_eq!(
-        send(
-            &c,
-            req(
-                "GET",
-                &bed.url("/api/managed-agents/sessions"),
-                Some(t),
-                None
-            )
-        )
-        .await
-        .status,
-        200
-    );
+    assert_eq!(bed.get(SESSIONS, "alice-svc").await.status, 200);
     bed.control.rotate_cookie("alice", "alice-rotated-9");
-    send(
-        &c,
-        req(
-            "GET",
-            &bed.url("/api/managed-agents/sessions"),
-            Some(t),
-            None,
-        ),
-    )
-    .await;
+    bed.get(SESSIONS, "alice-svc").await;
     bed.control.expire_cookie("bob");
     bed.get("/api/managed-agents/sessions", "bob-svc").await;
 

@@ -8,7 +8,7 @@ mod support;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use knoq_gateway::sim::{Fault, SimRoute};
+use knoq_sim::{Fault, SimRoute};
 use support::*;
 
 /// Kills Prometheus when the test ends, however it ends.
@@ -146,28 +146,19 @@ async fn every_dashboard_and_alert_expression_works_against_real_prometheus() {
         "{said}"
     );
 
-    let bed = BedBuilder {
-        tail_toml: "[quotas]\nsession = [\"1/hour\"]\n[retry]\nbase_delay = \"5ms\"\nmax_delay = \"10ms\"\n".into(),
-        ..TestBed::builder()
-    }
-    .start()
-    .await;
+    let bed = metrics_bed().await;
     let c = client();
-    let t = bed.token("alice-svc").to_string();
     // Mixed traffic: successes, a quota rejection, a 502 burst with retries,
     // Knoq's own 429, a rotation and an expired cookie.
-    let create = |text: &str| {
-        req(
-            "POST",
-            &bed.url("/api/managed-agents/session"),
-            Some(&t),
-            Some(&format!(r#"{{"text":"{text}"}}"#)),
-        )
-    };
-    let created = send(&c, create("one")).await;
+    let created = bed.post(SESSION, "alice-svc", r#"{"text":"one"}"#).await;
     assert_eq!(created.status, 200);
     let sid = created.json()["id"].as_str().unwrap().to_string();
-    assert_eq!(send(&c, create("two")).await.status, 429);
+    assert_eq!(
+        bed.post(SESSION, "alice-svc", r#"{"text":"two"}"#)
+            .await
+            .status,
+        429
+    );
     bed.control.fail_next(
         SimRoute::SessionsList,
         vec![Fault::status(502), Fault::status(502)],
@@ -177,13 +168,9 @@ async fn every_dashboard_and_alert_expression_works_against_real_prometheus() {
         vec![Fault::status_retry_after(429, 1)],
     );
     bed.control.rotate_cookie("alice", "alice-rotated-5");
-    let message = format!(r#"{{"sessionId":"{sid}","text":"hello"}}"#);
+    let hello = message(&sid, "hello");
 
-    let scrape = send(
-        &c,
-        req("GET", &format!("http://{}/metrics", bed.admin), None, None),
-    )
-    .await;
+    let scrape = bed.scrape().await;
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
@@ -263,30 +250,8 @@ async fn every_dashboard_and_alert_expression_works_against_real_prometheus() {
     .await;
     // Traffic while Prometheus watches, so rates see increases.
     for _ in 0..3 {
-        assert_eq!(
-            send(
-                &c,
-                req(
-                    "GET",
-                    &bed.url("/api/managed-agents/sessions"),
-                    Some(&t),
-                    None
-                )
-            )
-            .await
-            .status,
-            200
-        );
-        send(
-            &c,
-            req(
-                "POST",
-                &bed.url("/api/managed-agents/message"),
-                Some(&t),
-                Some(&message),
-            ),
-        )
-        .await;
+        assert_eq!(bed.get(SESSIONS, "alice-svc").await.status, 200);
+        bed.post(MESSAGE, "alice-svc", &hello).await;
         tokio::time::sleep(Duration::from_millis(700)).await;
     }
     bed.control.expire_cookie("bob");

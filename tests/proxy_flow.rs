@@ -16,30 +16,20 @@ async fn every_route_answers_as_knoq_does() {
     let c = client();
     let t = bed.token("alice-svc");
 
-    let created = send(
-        &c,
-        req(
-            "POST",
-            &bed.url(&format!("{MANAGED}/session")),
-            Some(t),
-            Some(r#"{"text":"Quarterly numbers, please"}"#),
-        ),
-    )
-    .await;
+    let created = bed
+        .post(
+            SESSION,
+            "alice-svc",
+            r#"{"text":"Quarterly numbers, please"}"#,
+        )
+        .await;
     assert_eq!(created.status, 200, "{:?}", created.body);
     let sid = created.json()["id"].as_str().unwrap().to_string();
     assert!(created.json()["runId"].is_string());
 
-    let sent = send(
-        &c,
-        req(
-            "POST",
-            &bed.url(&format!("{MANAGED}/message")),
-            Some(t),
-            Some(&format!(r#"{{"sessionId":"{sid}","text":"and Q2?"}}"#)),
-        ),
-    )
-    .await;
+    let sent = bed
+        .post(MESSAGE, "alice-svc", &message(&sid, "and Q2?"))
+        .await;
     assert_eq!(
         (sent.status.as_u16(), sent.json()),
         (200, serde_json::json!({"ok": true}))
@@ -77,16 +67,13 @@ async fn every_route_answers_as_knoq_does() {
         assert_eq!(via.body, straight.body, "{path}");
     }
 
-    let cancel = send(
-        &c,
-        req(
-            "POST",
-            &bed.url(&format!("{MANAGED}/cancel")),
-            Some(t),
-            Some(&format!(r#"{{"sessionId":"{sid}"}}"#)),
-        ),
-    )
-    .await;
+    let cancel = bed
+        .post(
+            &format!("{MANAGED}/cancel"),
+            "alice-svc",
+            &format!(r#"{{"sessionId":"{sid}"}}"#),
+        )
+        .await;
     assert_eq!(cancel.status, 200);
     assert_eq!(cancel.json()["ok"], true);
 
@@ -121,16 +108,7 @@ async fn every_route_answers_as_knoq_does() {
     );
 
     // Knoq's 400 for an empty text passes through untouched.
-    let bad = send(
-        &c,
-        req(
-            "POST",
-            &bed.url(&format!("{MANAGED}/session")),
-            Some(t),
-            Some(r#"{"text":""}"#),
-        ),
-    )
-    .await;
+    let bad = bed.post(SESSION, "alice-svc", r#"{"text":""}"#).await;
     assert_eq!(bad.status, 400);
     assert!(bad.json()["error"].is_string());
     assert!(bad.json().get("code").is_none(), "not a gateway error");

@@ -7,30 +7,11 @@ mod support;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use knoq_gateway::sim::{Fault, SimLimits, SimRoute, Window};
+use knoq_sim::{Fault, SimLimits, SimRoute, Window};
 use support::*;
 
-const MESSAGE: &str = "/api/managed-agents/message";
-const SESSION: &str = "/api/managed-agents/session";
-
-async fn open_session(bed: &TestBed, token: &str) -> String {
-    let r = send(
-        &client(),
-        req(
-            "POST",
-            &bed.url(SESSION),
-            Some(token),
-            Some(r#"{"text":"quota test"}"#),
-        ),
-    )
-    .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
-    r.json()["id"].as_str().unwrap().to_string()
-}
-
-fn message(sid: &str, text: &str) -> String {
-    format!(r#"{{"sessionId":"{sid}","text":"{text}"}}"#)
-}
+/// The opening text of the sessions these tests open.
+const OPENING: &str = "quota test";
 
 #[tokio::test]
 async fn concurrent_requests_from_ten_tokens_admit_exactly_the_limit() {
@@ -46,7 +27,7 @@ async fn concurrent_requests_from_ten_tokens_admit_exactly_the_limit() {
     }
     .start()
     .await;
-    let sid = open_session(&bed, bed.token("alice-svc")).await;
+    let sid = bed.open_session("alice-svc", OPENING).await;
     let c = client();
     let mut tasks = Vec::new();
     for i in 0..200 {
@@ -112,17 +93,7 @@ async fn admitted_responses_carry_ratelimit_headers_for_the_tightest_window() {
     }
     .start()
     .await;
-    let c = client();
-    let r = send(
-        &c,
-        req(
-            "POST",
-            &bed.url(SESSION),
-            Some(bed.token("alice-svc")),
-            Some(r#"{"text":"a"}"#),
-        ),
-    )
-    .await;
+    let r = bed.post(SESSION, "alice-svc", r#"{"text":"a"}"#).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.headers["ratelimit-policy"], "\"session-user\";q=10;w=60");
     assert!(r.headers["ratelimit"]
@@ -131,16 +102,7 @@ async fn admitted_responses_carry_ratelimit_headers_for_the_tightest_window() {
         .starts_with("\"session-user\";r=9;t="));
     // The token's own share is tighter: 3/hour, one left after two.
     for expect_r in [2, 1, 0] {
-        let r = send(
-            &c,
-            req(
-                "POST",
-                &bed.url(SESSION),
-                Some(bed.token("tight")),
-                Some(r#"{"text":"b"}"#),
-            ),
-        )
-        .await;
+        let r = bed.post(SESSION, "tight", r#"{"text":"b"}"#).await;
         assert_eq!(r.status, 200);
         assert_eq!(
             r.headers["ratelimit-policy"],
@@ -151,29 +113,11 @@ async fn admitted_responses_carry_ratelimit_headers_for_the_tightest_window() {
             .unwrap()
             .starts_with(&format!("\"session-token\";r={expect_r};")));
     }
-    let r = send(
-        &c,
-        req(
-            "POST",
-            &bed.url(SESSION),
-            Some(bed.token("tight")),
-            Some(r#"{"text":"b"}"#),
-        ),
-    )
-    .await;
+    let r = bed.post(SESSION, "tight", r#"{"text":"b"}"#).await;
     assert_eq!(r.status, 429);
     assert_eq!(r.json()["scope"], "token");
     // The account still has room for its other tools.
-    let r = send(
-        &c,
-        req(
-            "POST",
-            &bed.url(SESSION),
-            Some(bed.token("alice-batch")),
-            Some(r#"{"text":"c"}"#),
-        ),
-    )
-    .await;
+    let r = bed.post(SESSION, "alice-batch", r#"{"text":"c"}"#).await;
     assert_eq!(r.status, 200);
     // Reads are not governed by default: no headers.
     let r = bed.get("/api/managed-agents/sessions", "alice-svc").await;
@@ -189,45 +133,22 @@ async fn consumed_quota_survives_a_restart() {
     }
     .start()
     .await;
-    let sid = open_session(&bed, bed.token("alice-svc")).await;
+    let sid = bed.open_session("alice-svc", OPENING).await;
     for i in 0..3 {
-        let r = send(
-            &client(),
-            req(
-                "POST",
-                &bed.url(MESSAGE),
-                Some(bed.token("alice-svc")),
-                Some(&message(&sid, &format!("{i}"))),
-            ),
-        )
-        .await;
+        let r = bed
+            .post(MESSAGE, "alice-svc", &message(&sid, &format!("{i}")))
+            .await;
         assert_eq!(r.status, 200);
     }
     bed.restart_gateway().await;
-    let r = send(
-        &client(),
-        req(
-            "POST",
-            &bed.url(MESSAGE),
-            Some(bed.token("alice-batch")),
-            Some(&message(&sid, "after")),
-        ),
-    )
-    .await;
+    let r = bed
+        .post(MESSAGE, "alice-batch", &message(&sid, "after"))
+        .await;
     assert_eq!(r.status, 429, "{:?}", r.body);
     assert_eq!(r.json()["scope"], "user");
     // Bob's account was never touched.
-    let bob = open_session(&bed, bed.token("bob-svc")).await;
-    let r = send(
-        &client(),
-        req(
-            "POST",
-            &bed.url(MESSAGE),
-            Some(bed.token("bob-svc")),
-            Some(&message(&bob, "hi")),
-        ),
-    )
-    .await;
+    let bob = bed.open_session("bob-svc", OPENING).await;
+    let r = bed.post(MESSAGE, "bob-svc", &message(&bob, "hi")).await;
     assert_eq!(r.status, 200);
     bed.shutdown().await;
 }
@@ -265,7 +186,7 @@ async fn consumed_quota_survives_kill_9() {
     }
     .start()
     .await;
-    let sid = open_session(&bed, bed.token("alice-svc")).await;
+    let sid = bed.open_session("alice-svc", OPENING).await;
     let gw = bed.process_config("kill9.toml", Some("state-kill9"));
     let c = client();
     let mut child = gw.spawn(Stdio::null());
@@ -308,38 +229,22 @@ async fn consumed_quota_survives_kill_9() {
 #[tokio::test]
 async fn knoqs_own_429_passes_through_and_holds_the_bucket() {
     let bed = TestBed::start().await;
-    let sid = open_session(&bed, bed.token("alice-svc")).await;
+    let sid = bed.open_session("alice-svc", OPENING).await;
     bed.control.fail_next(
         SimRoute::MessageSend,
         vec![Fault::status_retry_after(429, 2)],
     );
     let c = client();
-    let r = send(
-        &c,
-        req(
-            "POST",
-            &bed.url(MESSAGE),
-            Some(bed.token("alice-svc")),
-            Some(&message(&sid, "one")),
-        ),
-    )
-    .await;
+    let r = bed.post(MESSAGE, "alice-svc", &message(&sid, "one")).await;
     assert_eq!(r.status, 429);
     assert_eq!(r.headers["retry-after"], "2");
     assert!(r.json().get("code").is_none(), "Knoq's own body, unchanged");
     let seen = bed.control.requests().len();
 
     // Meanwhile the gateway answers for Knoq, for every token of the user.
-    let r = send(
-        &c,
-        req(
-            "POST",
-            &bed.url(MESSAGE),
-            Some(bed.token("alice-batch")),
-            Some(&message(&sid, "two")),
-        ),
-    )
-    .await;
+    let r = bed
+        .post(MESSAGE, "alice-batch", &message(&sid, "two"))
+        .await;
     assert_eq!(r.status, 429);
     let j = r.json();
     assert_eq!(
@@ -395,7 +300,7 @@ async fn soak_knoq_never_rate_limits_and_the_windows_are_used() {
     }
     .start()
     .await;
-    let sid = open_session(&bed, bed.token("alice-svc")).await;
+    let sid = bed.open_session("alice-svc", OPENING).await;
     let run_for = Duration::from_secs(4);
     let end = tokio::time::Instant::now() + run_for;
     let mut workers = Vec::new();

@@ -6,10 +6,8 @@ mod support;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use knoq_gateway::sim::{Fault, SimRoute};
+use knoq_sim::{Fault, SimRoute};
 use support::*;
-
-const SESSIONS: &str = "/api/managed-agents/sessions";
 
 /// Rewrites the bed's config file (as an operator would).
 fn rewrite(bed: &TestBed, text: &str) {

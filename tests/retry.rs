@@ -5,14 +5,13 @@ mod support;
 
 use std::time::Duration;
 
-use knoq_gateway::sim::{Fault, SimRoute};
+use knoq_sim::{Fault, SimRoute};
 use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-const SESSIONS: &str = "/api/managed-agents/sessions";
-const MESSAGE: &str = "/api/managed-agents/message";
-const SESSION: &str = "/api/managed-agents/session";
+/// The opening text of the sessions these tests open.
+const OPENING: &str = "retry test";
 
 /// Fast backoff so tests take milliseconds; other keys as given.
 fn fast(extra_retry: &str) -> BedBuilder {
@@ -30,21 +29,6 @@ fn attempts(r: &Reply) -> u32 {
         .unwrap()
 }
 
-async fn open_session(bed: &TestBed) -> String {
-    let r = send(
-        &client(),
-        req(
-            "POST",
-            &bed.url(SESSION),
-            Some(bed.token("alice-svc")),
-            Some(r#"{"text":"retry test"}"#),
-        ),
-    )
-    .await;
-    assert_eq!(r.status, 200);
-    r.json()["id"].as_str().unwrap().to_string()
-}
-
 fn post_message(
     bed: &TestBed,
     sid: &str,
@@ -54,7 +38,7 @@ fn post_message(
         "POST",
         &bed.url(MESSAGE),
         Some(bed.token("alice-svc")),
-        Some(&format!(r#"{{"sessionId":"{sid}","text":"{text}"}}"#)),
+        Some(&message(sid, text)),
     )
 }
 
@@ -130,7 +114,7 @@ fn bed_with_deadline(deadline: &str) -> BedBuilder {
 #[tokio::test]
 async fn a_message_knoq_recorded_before_the_reset_is_reconciled_not_resent() {
     let bed = fast("").start().await;
-    let sid = open_session(&bed).await;
+    let sid = bed.open_session("alice-svc", OPENING).await;
     bed.control
         .fail_next(SimRoute::MessageSend, vec![Fault::ApplyThenReset]);
     let r = send(&client(), post_message(&bed, &sid, "did this arrive?")).await;
@@ -152,7 +136,7 @@ async fn a_message_knoq_recorded_before_the_reset_is_reconciled_not_resent() {
 #[tokio::test]
 async fn a_message_knoq_never_recorded_is_outcome_unknown_and_sent_once() {
     let bed = fast("").start().await;
-    let sid = open_session(&bed).await;
+    let sid = bed.open_session("alice-svc", OPENING).await;
     bed.control
         .fail_next(SimRoute::MessageSend, vec![Fault::Reset]);
     let r = send(&client(), post_message(&bed, &sid, "lost?")).await;
@@ -172,7 +156,7 @@ async fn a_message_knoq_never_recorded_is_outcome_unknown_and_sent_once() {
 #[tokio::test]
 async fn resend_unconfirmed_resends_once_and_knoq_holds_one_copy() {
     let bed = fast("resend_unconfirmed = true\n").start().await;
-    let sid = open_session(&bed).await;
+    let sid = bed.open_session("alice-svc", OPENING).await;
     bed.control
         .fail_next(SimRoute::MessageSend, vec![Fault::Reset]);
     let r = send(&client(), post_message(&bed, &sid, "again")).await;
@@ -196,7 +180,7 @@ async fn a_timeout_never_yields_a_second_copy() {
     }
     .start()
     .await;
-    let sid = open_session(&bed).await;
+    let sid = bed.open_session("alice-svc", OPENING).await;
     // Applied, then no answer: reconciled.
     bed.control
         .fail_next(SimRoute::MessageSend, vec![Fault::ApplyThenHang]);
@@ -221,7 +205,13 @@ async fn a_session_created_before_the_reset_is_reconciled_with_its_ids() {
     let bed = fast("").start().await;
     bed.control
         .fail_next(SimRoute::SessionCreate, vec![Fault::ApplyThenReset]);
-    let r = send(&client(), req("POST", &bed.url(SESSION), Some(bed.token("alice-svc")), Some(r#"{"text":"A long opening message that is certainly longer than sixty characters"}"#))).await;
+    let r = bed
+        .post(
+            SESSION,
+            "alice-svc",
+            r#"{"text":"A long opening message that is certainly longer than sixty characters"}"#,
+        )
+        .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(r.headers["x-knoq-gateway-reconciled"], "true");
     let sessions = bed.control.sessions("alice");
@@ -251,16 +241,7 @@ async fn reads_are_retried_after_a_reset_and_connect_refused_is_reported() {
     }
     .start()
     .await;
-    let r = send(
-        &client(),
-        req(
-            "POST",
-            &bed.url(SESSION),
-            Some(bed.token("alice-svc")),
-            Some(r#"{"text":"x"}"#),
-        ),
-    )
-    .await;
+    let r = bed.post(SESSION, "alice-svc", r#"{"text":"x"}"#).await;
     assert_eq!(r.status, 502);
     assert_eq!(
         (r.json()["code"].as_str(), r.json()["attempts"].as_u64()),
@@ -310,7 +291,7 @@ async fn each_retry_consumes_quota_and_a_spent_quota_stops_retrying() {
     }
     .start()
     .await;
-    let sid = open_session(&bed).await;
+    let sid = bed.open_session("alice-svc", OPENING).await;
     bed.control
         .fail_next(SimRoute::MessageSend, vec![Fault::status(502); 4]);
     let r = send(&client(), post_message(&bed, &sid, "q")).await;
@@ -443,7 +424,7 @@ async fn graceful_shutdown_starts_no_new_retry() {
 #[tokio::test]
 async fn an_earlier_identical_message_does_not_pass_for_a_lost_one() {
     let bed = fast("").start().await;
-    let sid = open_session(&bed).await;
+    let sid = bed.open_session("alice-svc", OPENING).await;
     let r = send(&client(), post_message(&bed, &sid, "yes")).await;
     assert_eq!(r.status, 200);
     // The same text again, lost before Knoq recorded it.
@@ -508,7 +489,7 @@ async fn resend_unconfirmed_never_exceeds_the_attempts() {
     let bed = fast("attempts = 2\nresend_unconfirmed = true\n")
         .start()
         .await;
-    let sid = open_session(&bed).await;
+    let sid = bed.open_session("alice-svc", OPENING).await;
     bed.control.fail_next(
         SimRoute::MessageSend,
         vec![Fault::status(502), Fault::Reset],
@@ -533,7 +514,7 @@ async fn a_request_refused_by_the_open_circuit_consumes_no_quota() {
     }
     .start()
     .await;
-    let sid = open_session(&bed).await;
+    let sid = bed.open_session("alice-svc", OPENING).await;
     bed.control
         .fail_next(SimRoute::MessageSend, vec![Fault::status(503)]);
     assert_eq!(

@@ -13,7 +13,7 @@ use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use knoq_gateway::sim::{
+use knoq_sim::{
     Fault, SimConfig, SimHandle, SimKnoq, SimLimits, SimRoute, SimTls, SimUser, Window,
     DEMO_COOKIE, DEMO_USER, KNOQ_ORIGIN,
 };

@@ -16,7 +16,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use knoq_gateway::config::Config;
-use knoq_gateway::sim::{SimConfig, SimControl, SimHandle, SimKnoq, SimUser};
+use knoq_sim::{SimConfig, SimControl, SimHandle, SimKnoq, SimUser};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -25,6 +25,11 @@ use tokio::task::JoinHandle;
 pub const ALICE_COOKIE: &str = "knoq_session=alice-cookie-0001; theme=dark";
 pub const BOB_COOKIE: &str = "knoq_session=bob-cookie-0001";
 pub const SCIM_TOKEN: &str = "scim-token-0123456789abcdef";
+
+/// Knoq's managed-agents routes the tests call most.
+pub const SESSIONS: &str = "/api/managed-agents/sessions";
+pub const SESSION: &str = "/api/managed-agents/session";
+pub const MESSAGE: &str = "/api/managed-agents/message";
 
 /// Tokens the default bed creates: name -> (user, scim).
 pub const TOKENS: [(&str, &str, bool); 4] = [
@@ -88,6 +93,17 @@ pub struct TestBed {
     pub config_text: String,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+}
+
+/// The bed tests/metrics.rs and tests/prometheus.rs drive: one session an
+/// hour (so a second one is refused) and fast retries.
+pub async fn metrics_bed() -> TestBed {
+    BedBuilder {
+        tail_toml: "[quotas]\nsession = [\"1/hour\"]\n[retry]\nbase_delay = \"5ms\"\nmax_delay = \"10ms\"\n".into(),
+        ..TestBed::builder()
+    }
+    .start()
+    .await
 }
 
 pub fn sim_config() -> SimConfig {
@@ -257,6 +273,37 @@ impl TestBed {
         )
         .await
     }
+
+    /// `POST path` through the gateway with the named token and a JSON body.
+    pub async fn post(&self, path: &str, token: &str, json: &str) -> Reply {
+        send(
+            &client(),
+            req("POST", &self.url(path), Some(self.token(token)), Some(json)),
+        )
+        .await
+    }
+
+    /// Opens a session with `text` for the named token's user; its id.
+    pub async fn open_session(&self, token: &str, text: &str) -> String {
+        let body = serde_json::json!({ "text": text }).to_string();
+        let r = self.post(SESSION, token, &body).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        r.json()["id"].as_str().unwrap().to_string()
+    }
+
+    /// `GET /metrics` on the admin port, as Prometheus scrapes it.
+    pub async fn scrape(&self) -> Reply {
+        send(
+            &client(),
+            req("GET", &format!("http://{}/metrics", self.admin), None, None),
+        )
+        .await
+    }
+}
+
+/// The JSON body of a message to session `sid`.
+pub fn message(sid: &str, text: &str) -> String {
+    format!(r#"{{"sessionId":"{sid}","text":"{text}"}}"#)
 }
 
 pub type PlainClient = Client<HttpConnector, Full<Bytes>>;

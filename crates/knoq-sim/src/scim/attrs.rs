@@ -7,7 +7,7 @@
 use serde_json::{json, Map, Value};
 
 use super::invalid;
-use crate::sim::reply::Reply;
+use crate::reply::Reply;
 
 /// Attribute names with their canonical spelling; SCIM names are case-insensitive.
 const CANONICAL: [&str; 8] = [

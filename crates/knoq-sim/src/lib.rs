@@ -25,6 +25,8 @@
 //! (`sessions.rs`); check order and when limits count (`api.rs`, `limits.rs`);
 //! fault order (`faults.rs`).
 
+#![forbid(unsafe_code)]
+
 mod accounts;
 mod admin;
 mod agent;
