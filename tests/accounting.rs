@@ -9,7 +9,7 @@ mod support;
 use std::process::Stdio;
 use std::time::Duration;
 
-use knoq_gateway::sim::{Fault, SimRoute};
+use knoq_sim::{Fault, SimRoute};
 use support::*;
 use tokio::io::AsyncWriteExt;
 
