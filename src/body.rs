@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Full};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
@@ -21,10 +21,6 @@ pub fn full(bytes: impl Into<Bytes>) -> BoxBody {
     Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed_unsync()
-}
-
-pub fn empty() -> BoxBody {
-    Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
 /// Serialises a JSON value into a body.

@@ -6,76 +6,93 @@
 //!
 //! # Map
 //!
+//! Every module of the crate, each using only modules listed below it, so
+//! imports point one way: down the request path, and from the parts that
+//! run the gateway to the leaves they are built of. Tests check that this
+//! table names every module and that no module imports one above it.
+//!
 //! | module | owns |
 //! |---|---|
-//! | [`config`] | the TOML file: raw layer, validated `Config`, every problem with its key |
-//! | [`units`] | duration and size parsing |
-//! | [`secrets`] | reading secret files (mode and symlink checks) |
+//! | [`cli`] | the subcommands: serve, check, token, credentials, mock-knoq, demo |
+//! | `demo` | `knoq-gateway demo`: simulated Knoq and gateway in one process (feature `sim`) |
+//! | `logging` | the tracing subscriber and its lean text line |
+//! | `admin` | `/healthz`, `/readyz`, `/metrics`, `/credentials` on the admin port |
+//! | `reload` | the live gateway: SIGHUP and file-change reloads, atomic swap, the prober's task |
+//! | `probe` | keep-alive checks of idle accounts' cookies |
+//! | `assemble` | the one place a config becomes running parts (start-up, `check`, reload), and what a reload keeps |
+//! | `server` | accept loop, per-connection limits, graceful drain |
+//! | `pipeline` | the per-request stages in order, the one log line, the in-flight guard |
+//! | `forward` | retries, the retry budget, reconciliation of ambiguous POSTs |
+//! | `reconcile` | reading Knoq back after an ambiguous POST |
+//! | `knoq` | the one way out as an account: circuit, cookie + Origin, metrics, rotation, expiry |
+//! | `error` | the one map from errors to status, code and JSON body |
+//! | `credentials` | each user's cookie and the SCIM token; rotation and expiry state |
 //! | [`tls`] | rustls server and client configs (ring provider only) |
-//! | [`server`] | accept loop, per-connection limits, graceful drain |
-//! | [`pipeline`] | the per-request stages, in order, and the one log line |
-//! | [`inspect`] | request hygiene: target form, methods, header names, framing, size, Host |
-//! | [`auth`] | bearer token to principal |
-//! | [`route`] | normal-form path check and endpoint classification |
-//! | [`credentials`] | each user's cookie and the SCIM token |
-//! | [`quota`] | per-user and per-token windows, Knoq cool-downs, the journal |
-//! | [`clock`] | injectable wall-clock milliseconds for quotas |
-//! | [`state`] | the state directory; atomic, durable file replacement |
+//! | [`config`] | the TOML file: raw layer, validated `Config`, every problem with its key |
 //! | [`headers`] | rewriting headers both ways; redacted view for logs |
-//! | [`upstream`] | the pooled HTTPS client towards Knoq, typed errors |
-//! | [`error`] | the one map from errors to status, code and JSON body |
-//! | [`body`] | body type and helpers (JSON, deadline, in-flight guard) |
-//! | [`probe`] | keep-alive checks of idle accounts' cookies |
-//! | [`reload`] | the live gateway: SIGHUP and file-change reloads, atomic swap |
-//! | [`metrics`] | Prometheus series on an explicit registry; bounded labels |
-//! | [`admin`] | `/healthz`, `/readyz` on the admin port |
-//! | [`sim`] | the simulated Knoq used by tests, the demo and the benchmark |
-//! | [`demo`] | `knoq-gateway demo`: simulated Knoq and gateway in one process |
+//! | `metrics` | Prometheus series on an explicit registry; encodes the snapshot it is handed |
+//! | `inspect` | request hygiene: target form, methods, header names, framing, size, Host |
+//! | [`auth`] | bearer token to principal |
+//! | [`quota`] | per-user and per-token windows, Knoq cool-downs, the async store and its journal |
+//! | `upstream` | the pooled HTTPS client towards Knoq, response bounds, typed errors, retry policy |
+//! | [`route`] | normal-form path check and endpoint classification |
+//! | `cookies` | `Set-Cookie` parsing and merging |
+//! | `body` | body types and bounds (JSON, deadline, idle gap, in-flight guard) |
+//! | `secrets` | reading secret files (mode and symlink checks) |
+//! | `state` | the state directory; atomic, durable file replacement |
+//! | `shutdown` | the signals that end the process; the drain latch |
+//! | `clock` | injectable wall-clock milliseconds and all calendar arithmetic |
+//! | `units` | duration and size parsing |
 //!
 //! # Request flow
 //!
 //! ```text
 //! server::serve -> pipeline::Gateway::handle
-//!     -> inspect -> auth -> route -> credentials -> quota -> headers (rewrite)
-//!     -> upstream::send -> headers (filter) -> response
-//!     (one log line per request, at the end)
+//!     -> inspect -> auth -> route -> credentials -> body -> quota
+//!     -> headers (strip the client's identity)
+//!     -> forward (retries, reconcile) -> knoq (per attempt: circuit, cookie
+//!        + Origin, metrics, Set-Cookie, 401) -> upstream
+//!     -> headers (filter) -> response
+//!     (one log line per request, at the end, or at the drop of an abandoned one)
 //! ```
 //!
-//! Dependencies point down that list: leaf modules know nothing of HTTP
-//! status codes (only `error` does) or of each other. Config is read once at
-//! start-up; each stage gets only its own piece of it.
+//! Only `error` knows HTTP status codes. Each stage gets only its own
+//! settings (a leaf owns its settings type; `config` fills it in).
+//! The simulated Knoq is the workspace crate `knoq-sim`.
 
-pub mod admin;
-pub mod assemble;
+#![forbid(unsafe_code)]
+
+mod admin;
+mod assemble;
 pub mod auth;
-pub mod body;
+mod body;
 pub mod cli;
-pub mod clock;
+mod clock;
 pub mod config;
-pub mod cookies;
-pub mod credentials;
+mod cookies;
+mod credentials;
 #[cfg(feature = "sim")]
-pub mod demo;
-pub mod error;
-pub mod forward;
+mod demo;
+mod error;
+mod forward;
 pub mod headers;
-pub mod inspect;
-pub mod knoq;
-pub mod logging;
-pub mod metrics;
-pub mod pipeline;
-pub mod probe;
+mod inspect;
+mod knoq;
+mod logging;
+mod metrics;
+mod pipeline;
+mod probe;
 pub mod quota;
-pub mod reconcile;
-pub mod reload;
+mod reconcile;
+mod reload;
 pub mod route;
-pub mod secrets;
-pub mod server;
-pub mod shutdown;
-pub mod state;
+mod secrets;
+mod server;
+mod shutdown;
+mod state;
 pub mod tls;
-pub mod units;
-pub mod upstream;
+mod units;
+mod upstream;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -84,7 +101,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admin::Admin;
-use crate::clock::{Clock, SystemClock};
+use crate::clock::SystemClock;
 use crate::config::{Config, ConfigError};
 use crate::server::ServeOptions;
 
@@ -100,17 +117,8 @@ pub struct Prepared {
 /// every problem at once. Binds nothing. Opens (and compacts) the quota
 /// journal in the state directory, creating the directory if needed.
 pub fn prepare(config: Config) -> Result<Prepared, ConfigError> {
-    prepare_with_clock(config, Arc::new(SystemClock::new()))
-}
+    let started = assemble::start(config, Arc::new(SystemClock::new()))?;
 
-/// Checks everything `prepare` would, without changing any file.
-pub fn check(config: &Config) -> Result<(), ConfigError> {
-    assemble::check(config)
-}
-
-/// As [`prepare`], with the clock quotas use (tests drive it by hand).
-pub fn prepare_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Prepared, ConfigError> {
-    let started = assemble::start(config, clock)?;
     let config = started.gateway.config.clone();
     // The admin port also answers to the loopback names (a DNS-rebinding
     // page cannot send those), so `credentials status` always reaches it.
@@ -127,6 +135,11 @@ pub fn prepare_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Prepa
         tls: started.tls,
         config,
     })
+}
+
+/// Checks everything `prepare` would, without changing any file.
+pub fn check(config: &Config) -> Result<(), ConfigError> {
+    assemble::check(config)
 }
 
 /// Serves the clients' port and the admin port until `shutdown` resolves,
@@ -178,4 +191,133 @@ pub async fn run(
         let _ = stop_tx.send(true);
     };
     tokio::join!(proxy_task, admin_task, signal, watch, probes);
+}
+
+#[cfg(test)]
+mod map {
+    //! The map above, and the README's code map, name every module, and
+    //! the map's order is the direction of every import.
+
+    use std::collections::BTreeSet;
+
+    fn modules() -> Vec<String> {
+        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/src");
+        let mut names: Vec<String> = std::fs::read_dir(src)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n != "lib.rs" && n != "main.rs")
+            .map(|n| n.trim_end_matches(".rs").to_string())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The module names of the map, in its order.
+    fn map() -> Vec<&'static str> {
+        include_str!("lib.rs")
+            .lines()
+            .take_while(|l| l.starts_with("//!"))
+            .filter_map(|l| l.strip_prefix("//! | "))
+            .filter_map(|l| l.split(" | ").next())
+            .map(|cell| cell.trim_matches(|c| "[]`".contains(c)))
+            .filter(|cell| !cell.is_empty() && *cell != "module" && !cell.contains(' '))
+            .collect()
+    }
+
+    /// The top-level modules `module`'s files name as `crate::x` (tests
+    /// left out: they may reach anywhere).
+    fn imports(module: &str, known: &BTreeSet<String>) -> BTreeSet<String> {
+        let src = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/src"));
+        let mut files = vec![src.join(format!("{module}.rs"))];
+        if let Ok(dir) = std::fs::read_dir(src.join(module)) {
+            files.extend(dir.map(|e| e.unwrap().path()));
+        }
+        let mut found = BTreeSet::new();
+        for file in files.iter().filter(|f| f.is_file()) {
+            let text = std::fs::read_to_string(file).unwrap();
+            let code = text.split("#[cfg(test)]\nmod ").next().unwrap_or_default();
+            for line in code
+                .lines()
+                .map(|l| l.split("//").next().unwrap_or_default())
+            {
+                let mut rest = line;
+                while let Some(at) = rest.find("crate::") {
+                    rest = &rest[at + "crate::".len()..];
+                    let names: Vec<&str> = if let Some(group) = rest.strip_prefix('{') {
+                        group
+                            .split(['}', ';'])
+                            .next()
+                            .unwrap_or_default()
+                            .split(',')
+                            .collect()
+                    } else {
+                        vec![rest]
+                    };
+                    for name in names {
+                        let name: String = name
+                            .trim()
+                            .chars()
+                            .take_while(|c| c.is_alphanumeric() || *c == '_')
+                            .collect();
+                        if known.contains(&name) && name != module {
+                            found.insert(name);
+                        }
+                    }
+                }
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn the_crate_map_names_every_module_once() {
+        let lib = include_str!("lib.rs");
+        let map = map();
+        for m in modules() {
+            assert_eq!(
+                map.iter().filter(|n| **n == m).count(),
+                1,
+                "src/{m} should be named once in lib.rs's map: {map:?}"
+            );
+            assert!(
+                lib.contains(&format!("mod {m};")),
+                "src/{m} is declared in lib.rs"
+            );
+        }
+        assert_eq!(
+            map.len(),
+            modules().len(),
+            "the map names no module that is gone: {map:?}"
+        );
+    }
+
+    #[test]
+    fn every_import_points_down_the_map() {
+        let map = map();
+        let known: BTreeSet<String> = modules().into_iter().collect();
+        for (i, m) in map.iter().enumerate() {
+            for used in imports(m, &known) {
+                let at = map.iter().position(|n| *n == used).unwrap();
+                assert!(
+                    at > i,
+                    "{m} imports {used}, which the map lists above it: move one, or break the arrow"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_readme_code_map_names_every_module() {
+        let readme = include_str!("../README.md");
+        let section = readme
+            .split("## Code map")
+            .nth(1)
+            .expect("the README has a Code map section");
+        for m in modules() {
+            assert!(
+                section.contains(&format!("`{m}`")),
+                "README's Code map should name `{m}`"
+            );
+        }
+    }
 }
