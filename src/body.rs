@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -33,100 +34,62 @@ pub fn json(value: &serde_json::Value) -> BoxBody {
 #[error("the upstream response body did not finish before the deadline")]
 pub struct BodyDeadlineExceeded;
 
-pin_project! {
-    /// A body that fails with [`BodyDeadlineExceeded`] if it has not ended
-    /// by `deadline`, so a Knoq response that stalls mid-body cannot hold a
-    /// client (and a pooled connection) forever. It also ends the body at a
-    /// trailers frame: trailers could carry `Set-Cookie` past the header
-    /// filter, and Knoq's JSON answers have no use for them.
-    pub struct Deadline<B> {
-        #[pin]
-        inner: B,
-        #[pin]
-        sleep: Sleep,
-    }
-}
-
-impl<B> Deadline<B> {
-    pub fn new(inner: B, deadline: Instant) -> Self {
-        Deadline {
-            inner,
-            sleep: tokio::time::sleep_until(deadline),
-        }
-    }
-}
-
-impl<B> Body for Deadline<B>
-where
-    B: Body,
-    B::Error: Into<BoxError>,
-{
-    type Data = B::Data;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
-            return Poll::Ready(match frame {
-                Some(Ok(f)) if f.is_trailers() => None,
-                other => other.map(|r| r.map_err(Into::into)),
-            });
-        }
-        match this.sleep.poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(BodyDeadlineExceeded.into()))),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 /// A long-lived upstream body went quiet for longer than its idle bound.
 #[derive(Debug, thiserror::Error)]
 #[error("the upstream response body sent nothing for {0:?}")]
-pub struct BodyIdleTimeout(pub std::time::Duration);
+pub struct BodyIdleTimeout(pub Duration);
 
 /// A future that resolves when the gateway starts draining.
 pub type DrainSignal = Pin<Box<dyn Future<Output = ()> + Send>>;
 
+/// How a [`Bounded`] body's timer moves.
+enum Bound {
+    /// One deadline for the whole body.
+    Deadline,
+    /// The timer restarts at every frame; draining ends the body.
+    IdleGap { gap: Duration, drain: DrainSignal },
+}
+
 pin_project! {
-    /// A body bounded by the gap between two frames instead of one deadline
-    /// for the whole exchange, for responses that are meant to stay open:
-    /// it fails with [`BodyIdleTimeout`] when nothing arrives for `gap`, and
-    /// it ends cleanly (after the frame in progress) once `drain` resolves,
-    /// so a graceful shutdown is not held for its whole grace period. Like
-    /// [`Deadline`], it ends the body at a trailers frame.
-    pub struct IdleGap<B> {
+    /// An upstream response body that cannot hold a client (and a pooled
+    /// connection) forever. Either it must end by a deadline
+    /// ([`deadline`](Bounded::deadline), failing with
+    /// [`BodyDeadlineExceeded`]), or, for responses meant to stay open,
+    /// no gap between two frames may exceed a bound
+    /// ([`idle_gap`](Bounded::idle_gap), failing with [`BodyIdleTimeout`])
+    /// and the body ends cleanly, after the frame in progress, once the
+    /// gateway drains, so a graceful shutdown is not held for its whole
+    /// grace period. Either way it ends the body at a trailers frame:
+    /// trailers could carry `Set-Cookie` past the header filter, and
+    /// Knoq's JSON answers have no use for them.
+    pub struct Bounded<B> {
         #[pin]
         inner: B,
         #[pin]
         sleep: Sleep,
-        gap: std::time::Duration,
-        drain: DrainSignal,
+        bound: Bound,
     }
 }
 
-impl<B> IdleGap<B> {
-    pub fn new(inner: B, gap: std::time::Duration, drain: DrainSignal) -> Self {
-        IdleGap {
+impl<B> Bounded<B> {
+    pub fn deadline(inner: B, deadline: Instant) -> Self {
+        Bounded {
+            inner,
+            sleep: tokio::time::sleep_until(deadline),
+            bound: Bound::Deadline,
+        }
+    }
+
+    pub fn idle_gap(inner: B, gap: Duration, drain: DrainSignal) -> Self {
+        Bounded {
             inner,
             sleep: tokio::time::sleep(gap),
-            gap,
-            drain,
+            bound: Bound::IdleGap { gap, drain },
         }
     }
 }
 
-impl<B> Body for IdleGap<B>
+impl<B> Body for Bounded<B>
 where
     B: Body,
     B::Error: Into<BoxError>,
@@ -139,18 +102,25 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let mut this = self.project();
-        if this.drain.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(None);
+        if let Bound::IdleGap { drain, .. } = this.bound {
+            if drain.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
         }
         if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
-            this.sleep.as_mut().reset(Instant::now() + *this.gap);
+            if let Bound::IdleGap { gap, .. } = this.bound {
+                this.sleep.as_mut().reset(Instant::now() + *gap);
+            }
             return Poll::Ready(match frame {
                 Some(Ok(f)) if f.is_trailers() => None,
                 other => other.map(|r| r.map_err(Into::into)),
             });
         }
         match this.sleep.poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(BodyIdleTimeout(*this.gap).into()))),
+            Poll::Ready(()) => Poll::Ready(Some(Err(match this.bound {
+                Bound::Deadline => BodyDeadlineExceeded.into(),
+                Bound::IdleGap { gap, .. } => BodyIdleTimeout(*gap).into(),
+            }))),
             Poll::Pending => Poll::Pending,
         }
     }
@@ -239,7 +209,6 @@ impl<B: Body, G> Body for Guarded<B, G> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     /// A body that never yields a frame, like a stalled upstream.
     struct Stalled;
@@ -257,14 +226,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn deadline_body_fails_when_the_inner_body_stalls() {
-        let body = Deadline::new(Stalled, Instant::now() + Duration::from_secs(5));
+        let body = Bounded::deadline(Stalled, Instant::now() + Duration::from_secs(5));
         let err = body.collect().await.unwrap_err();
         assert!(err.is::<BodyDeadlineExceeded>());
     }
 
     #[tokio::test(start_paused = true)]
     async fn deadline_body_passes_a_prompt_body_through() {
-        let body = Deadline::new(
+        let body = Bounded::deadline(
             Full::new(Bytes::from_static(b"{}")),
             Instant::now() + Duration::from_secs(5),
         );
@@ -313,7 +282,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn idle_gap_outlives_any_single_deadline_while_chunks_keep_coming() {
         // 30 chunks 4 s apart: 120 s in all, each gap under the 5 s bound.
-        let body = IdleGap::new(
+        let body = Bounded::idle_gap(
             Ticking::new(Duration::from_secs(4), 30),
             Duration::from_secs(5),
             never_drains(),
@@ -326,7 +295,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn idle_gap_fails_a_body_that_goes_quiet() {
-        let body = IdleGap::new(Stalled, Duration::from_secs(5), never_drains());
+        let body = Bounded::idle_gap(Stalled, Duration::from_secs(5), never_drains());
         let start = Instant::now();
         let err = body.collect().await.unwrap_err();
         assert!(err.is::<BodyIdleTimeout>(), "{err}");
@@ -336,7 +305,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn idle_gap_ends_cleanly_when_draining_begins() {
         let drain = crate::shutdown::Drain::default();
-        let body = IdleGap::new(Stalled, Duration::from_secs(3600), Box::pin(drain.begun()));
+        let body = Bounded::idle_gap(Stalled, Duration::from_secs(3600), Box::pin(drain.begun()));
         let collecting = tokio::spawn(body.collect());
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert!(!collecting.is_finished(), "open until the drain");

@@ -29,7 +29,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 
-use crate::body::{BoxBody, BoxError, Deadline, DrainSignal, IdleGap};
+use crate::body::{Bounded, BoxBody, BoxError, DrainSignal};
 
 /// What went wrong talking to Knoq, without an HTTP answer to show for it.
 #[derive(Debug, thiserror::Error)]
@@ -167,10 +167,10 @@ impl Upstream {
             .map_err(classify)?;
         Ok(match bound {
             ResponseBound::Exchange => {
-                response.map(|body| Deadline::new(body, deadline).boxed_unsync())
+                response.map(|body| Bounded::deadline(body, deadline).boxed_unsync())
             }
             ResponseBound::IdleGap { gap, drain } => {
-                response.map(|body| IdleGap::new(body, gap, drain).boxed_unsync())
+                response.map(|body| Bounded::idle_gap(body, gap, drain).boxed_unsync())
             }
         })
     }
