@@ -110,6 +110,10 @@ pub fn check(config: &Config) -> Result<(), ConfigError> {
 /// Binds nothing.
 pub fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, ConfigError> {
     let mut problems = Vec::new();
+    // Before anything reads a cookie: finish a rotation a crash cut short.
+    if let Err(e) = crate::credentials::recover_interrupted_writes(&config.state.dir) {
+        problems.push(Problem::new("state.dir", e));
+    }
     let files = read_files(&config, &mut problems);
     let policy = config.quota_policy();
     // A config that cannot start leaves the state directory as it was.

@@ -162,50 +162,6 @@ where
     }
 }
 
-pin_project! {
-    /// A body that holds a guard until it is finished or dropped: used to
-    /// count a request as in flight until its response has been sent.
-    pub struct Guarded<B, G> {
-        #[pin]
-        inner: B,
-        guard: Option<G>,
-    }
-}
-
-impl<B, G> Guarded<B, G> {
-    pub fn new(inner: B, guard: G) -> Self {
-        Guarded {
-            inner,
-            guard: Some(guard),
-        }
-    }
-}
-
-impl<B: Body, G> Body for Guarded<B, G> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            this.guard.take();
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,14 +282,5 @@ mod tests {
         assert_eq!(ok.unwrap(), "12345");
         let big = read_capped(Full::new(Bytes::from_static(b"123456")), 5).await;
         assert_eq!(big.unwrap_err(), BodyFault::TooLarge);
-    }
-
-    #[tokio::test]
-    async fn guard_is_released_when_the_body_ends() {
-        let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
-        let body = Guarded::new(Full::new(Bytes::from_static(b"x")), tx);
-        assert!(rx.try_recv().is_err(), "held while unread");
-        let _ = body.collect().await;
-        assert!(rx.await.is_err(), "sender dropped at end of body");
     }
 }

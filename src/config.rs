@@ -42,6 +42,7 @@ pub const DEFAULT_MAX_BODY: &str = "1MiB";
 pub const DEFAULT_MAX_HEADER_BYTES: &str = "16KiB";
 pub const DEFAULT_HEADER_READ_TIMEOUT: &str = "10s";
 pub const DEFAULT_IDLE_TIMEOUT: &str = "75s";
+pub const DEFAULT_SEND_TIMEOUT: &str = "30s";
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 pub const DEFAULT_SHUTDOWN_GRACE: &str = "30s";
 pub const DEFAULT_UPSTREAM_URL: &str = "https://knoq.one";
@@ -106,6 +107,7 @@ struct RawServer {
     max_header_bytes: Option<String>,
     header_read_timeout: Option<String>,
     idle_timeout: Option<String>,
+    send_timeout: Option<String>,
     max_connections: Option<usize>,
     shutdown_grace: Option<String>,
     allowed_hosts: Option<Vec<String>>,
@@ -245,6 +247,10 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// A connection with no request in flight for this long is closed.
     pub idle_timeout: Duration,
+    /// A response the client takes nothing of for this long (HTTP/1.1: the
+    /// socket accepts no byte; HTTP/2: the stream's window stays shut) is
+    /// abandoned: its connection closes, its upstream request is dropped.
+    pub send_timeout: Duration,
     /// Connections beyond this wait in the kernel's accept queue.
     pub max_connections: usize,
     /// On SIGTERM/SIGINT, in-flight requests get this long to finish.
@@ -883,6 +889,11 @@ impl RawServer {
                 "server.idle_timeout",
                 self.idle_timeout.as_deref(),
                 DEFAULT_IDLE_TIMEOUT,
+            ),
+            send_timeout: c.positive_duration(
+                "server.send_timeout",
+                self.send_timeout.as_deref(),
+                DEFAULT_SEND_TIMEOUT,
             ),
             max_connections,
             shutdown_grace: c.duration(

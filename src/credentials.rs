@@ -95,6 +95,10 @@ struct StateFile {
     rotated_at: Option<Millis>,
     #[serde(default)]
     expired: bool,
+    /// One more than the copy it replaced: tells a newer copy left in a
+    /// temporary file by a crash from an older one (0 before it existed).
+    #[serde(default)]
+    generation: u64,
 }
 
 #[derive(Debug, Default)]
@@ -408,13 +412,14 @@ impl Credentials {
             let s = cred.status();
             (s.source_sha256.clone(), rotated_at.or(s.last_rotation))
         };
+        let path = state_path(&self.state_dir, &cred.name);
         let file = StateFile {
             cookie: cookie.to_str().unwrap_or_default().to_string(),
             source_sha256,
             rotated_at,
             expired,
+            generation: generation_of(&path) + 1,
         };
-        let path = state_path(&self.state_dir, &cred.name);
         // Someone else (`credentials set`) wrote the file since we last
         // looked: theirs wins, and ours must not overwrite it.
         let known = cred.status().state_mtime;
@@ -580,6 +585,69 @@ fn read_state(dir: &Path, user: &str) -> Result<Option<(StateFile, Option<Stamp>
     Ok(Some((file, stamp(&path))))
 }
 
+/// The generation of the state copy at `path`; 0 if there is none or it
+/// cannot be read.
+fn generation_of(path: &Path) -> u64 {
+    std::fs::read(path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<StateFile>(&bytes).ok())
+        .map_or(0, |f| f.generation)
+}
+
+/// Finishes what a crash interrupted, at start-up (never while a gateway
+/// runs, and never for `check`): a rotation is written to a temporary
+/// file, then renamed over the user's state copy, and Knoq may already
+/// refuse the old cookie when the process dies in between. So a complete
+/// temporary copy (it parses, its cookie is valid) that is newer than the
+/// state copy (a higher generation) replaces it; then every temporary file
+/// left in the directory is removed (each holds a cookie).
+pub fn recover_interrupted_writes(state_dir: &Path) -> Result<(), String> {
+    let dir = state_dir.join(STATE_SUBDIR);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("{}: {e}", dir.display())),
+    };
+    // Per user: the newest complete temporary copy.
+    let mut newest: HashMap<String, (u64, PathBuf)> = HashMap::new();
+    let mut leftovers = Vec::new();
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(user) = name
+            .strip_prefix('.')
+            .and_then(|rest| rest.split_once(".json.tmp-"))
+            .map(|(user, _)| user.to_string())
+        else {
+            continue;
+        };
+        let path = entry.path();
+        let complete = std::fs::read(&path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<StateFile>(&bytes).ok())
+            .filter(|f| parse_cookie(&f.cookie).is_ok());
+        if let Some(file) = complete {
+            let better = newest.get(&user).is_none_or(|(g, _)| file.generation > *g);
+            if better {
+                newest.insert(user, (file.generation, path.clone()));
+            }
+        }
+        leftovers.push(path);
+    }
+    for (user, (generation, tmp)) in newest {
+        let target = state_path(&dir, &user);
+        if generation > generation_of(&target) {
+            std::fs::rename(&tmp, &target)
+                .and_then(|()| std::fs::File::open(&dir)?.sync_all())
+                .map_err(|e| format!("{}: {e}", target.display()))?;
+            tracing::warn!(user = %user, "adopted a cookie rotation that a crash interrupted before it was saved");
+        }
+    }
+    for path in leftovers.iter().filter(|p| p.exists()) {
+        std::fs::remove_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// Stores `cookie` as the user's state copy, superseding the current source
 /// value: what `knoq-gateway credentials set` does. A running gateway picks
 /// it up within a second.
@@ -599,13 +667,14 @@ pub fn store_operator_cookie(config: &Config, user: &str, cookie: &str) -> Resul
         (CookieSource::File(_), Ok(text)) => sha256_hex(&text),
         _ => OPERATOR.to_string(),
     };
+    let dir = config.state.dir.join(STATE_SUBDIR);
     let file = StateFile {
         cookie: cookie.trim().to_string(),
         source_sha256: digest,
         rotated_at: Some(crate::clock::Clock::now(&crate::clock::SystemClock::new())),
         expired: false,
+        generation: generation_of(&state_path(&dir, user)) + 1,
     };
-    let dir = config.state.dir.join(STATE_SUBDIR);
     crate::state::ensure_dir(&config.state.dir)
         .and_then(|()| crate::state::ensure_dir(&dir))
         .and_then(|()| {
@@ -704,6 +773,65 @@ fn scim_bearer(token: &str) -> Result<HeaderValue, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn copy(cookie: &str, generation: u64) -> Vec<u8> {
+        serde_json::to_vec(&StateFile {
+            cookie: cookie.into(),
+            source_sha256: "s".into(),
+            rotated_at: None,
+            expired: false,
+            generation,
+        })
+        .unwrap()
+    }
+
+    /// Writes a private file, as the gateway's own writes are.
+    fn put(path: impl AsRef<Path>, bytes: impl AsRef<[u8]>) {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .unwrap()
+            .write_all(bytes.as_ref())
+            .unwrap();
+    }
+
+    #[test]
+    fn a_newer_complete_copy_left_by_a_crash_is_adopted_and_every_leftover_removed() {
+        let state = std::env::temp_dir().join(format!("kgw-recover-{}", std::process::id()));
+        let dir = state.join(STATE_SUBDIR);
+        let _ = std::fs::remove_dir_all(&state);
+        std::fs::create_dir_all(&dir).unwrap();
+        put(dir.join("alice.json"), copy("k=old", 3));
+        // The newest complete one wins; a torn one and an older one go.
+        put(dir.join(".alice.json.tmp-1-0"), copy("k=newer", 4));
+        put(dir.join(".alice.json.tmp-1-1"), copy("k=newest", 5));
+        put(dir.join(".alice.json.tmp-2-0"), &copy("k=torn", 9)[..20]);
+        // Bob's state copy is newer than his leftover: it stays.
+        put(dir.join("bob.json"), copy("k=bob-current", 7));
+        put(dir.join(".bob.json.tmp-1-2"), copy("k=bob-stale", 6));
+        // Carol crashed before her first copy was renamed into place.
+        put(dir.join(".carol.json.tmp-1-3"), copy("k=carol", 1));
+        recover_interrupted_writes(&state).unwrap();
+        let cookie = |user: &str| {
+            let (f, _) = read_state(&dir, user).unwrap().unwrap();
+            (f.cookie, f.generation)
+        };
+        assert_eq!(cookie("alice"), ("k=newest".into(), 5));
+        assert_eq!(cookie("bob"), ("k=bob-current".into(), 7));
+        assert_eq!(cookie("carol"), ("k=carol".into(), 1));
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["alice.json", "bob.json", "carol.json"]);
+        std::fs::remove_dir_all(&state).unwrap();
+    }
 
     #[test]
     fn browser_cookie_strings_are_accepted_and_marked_sensitive() {

@@ -49,6 +49,8 @@ pub enum GatewayError {
     Upstream(#[from] UpstreamError),
     #[error("Knoq is failing; the gateway is not sending requests for a while")]
     CircuitOpen { retry_after_secs: u64 },
+    #[error("the gateway has as many client connections open as it allows")]
+    TooManyConnections,
     #[error("the request may or may not have been applied by Knoq; {checked}")]
     OutcomeUnknown { timed_out: bool, checked: String },
 }
@@ -160,6 +162,11 @@ impl GatewayError {
                 "upstream_unavailable",
                 Upstream,
             ),
+            GatewayError::TooManyConnections => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_connections",
+                Internal,
+            ),
             GatewayError::OutcomeUnknown {
                 timed_out: true, ..
             } => (StatusCode::GATEWAY_TIMEOUT, "outcome_unknown", Upstream),
@@ -213,6 +220,9 @@ impl GatewayError {
             GatewayError::QuotaStore(_) => {
                 "the gateway cannot reach its quota store, so it sent nothing; retry shortly".into()
             }
+            GatewayError::TooManyConnections => {
+                "the gateway has as many client connections open as it allows; retry shortly, or reuse a connection".into()
+            }
             GatewayError::Upstream(UpstreamError::Reset(_)) => {
                 "the connection to Knoq closed before a complete answer; it may still have acted on the request".into()
             }
@@ -245,6 +255,9 @@ impl GatewayError {
             }
             GatewayError::Quota(q) => rsp = rsp.header(RETRY_AFTER, q.retry_after_secs),
             GatewayError::QuotaStore(_) => rsp = rsp.header(RETRY_AFTER, "1"),
+            GatewayError::TooManyConnections => {
+                rsp = rsp.header(RETRY_AFTER, "1").header(CONNECTION, "close")
+            }
             GatewayError::CircuitOpen { retry_after_secs } => {
                 rsp = rsp.header(RETRY_AFTER, *retry_after_secs)
             }
@@ -332,6 +345,11 @@ mod tests {
             (PathError::NotFound.into(), 404, "not_found"),
             (PathError::DotSegment.into(), 400, "bad_path"),
             (GatewayError::ScimForbidden, 403, "forbidden"),
+            (
+                GatewayError::TooManyConnections,
+                503,
+                "too_many_connections",
+            ),
             (
                 StoreError::Timeout(std::time::Duration::from_millis(50)).into(),
                 503,

@@ -16,8 +16,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use http::header::{
-    HeaderName, ALT_SVC, AUTHORIZATION, CONNECTION, COOKIE, EXPECT, FORWARDED, HOST, ORIGIN,
-    PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, SET_COOKIE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    HeaderName, ALT_SVC, AUTHORIZATION, CONNECTION, COOKIE, EXPECT, FORWARDED, HOST, MAX_FORWARDS,
+    ORIGIN, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, SET_COOKIE, TE, TRAILER, TRANSFER_ENCODING,
+    UPGRADE, VIA,
 };
 use http::{HeaderMap, HeaderValue};
 
@@ -26,6 +27,9 @@ use crate::quota::Standing;
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
+/// RFC 2965's obsolete cookie header: never applied, never passed on.
+const SET_COOKIE2: HeaderName = HeaderName::from_static("set-cookie2");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1 plus the legacy `Proxy-Connection`).
 const HOP_BY_HOP: [HeaderName; 9] = [
@@ -104,12 +108,25 @@ pub fn strip_client_identity(headers: &mut HeaderMap) {
     let hop = hop_by_hop(headers);
     // `Expect` is answered by the gateway's own server (hyper sends
     // `100 Continue` once the body is read, i.e. after authentication).
-    const CLIENT_IDENTITY: [HeaderName; 6] =
-        [AUTHORIZATION, COOKIE, ORIGIN, HOST, FORWARDED, EXPECT];
+    // `Via` and `Max-Forwards` describe the client's path to us, and
+    // `HTTP2-Settings` belongs to an h2c upgrade the gateway never makes:
+    // none of them is about the request to Knoq.
+    const CLIENT_IDENTITY: [HeaderName; 9] = [
+        AUTHORIZATION,
+        COOKIE,
+        ORIGIN,
+        HOST,
+        FORWARDED,
+        EXPECT,
+        VIA,
+        MAX_FORWARDS,
+        HTTP2_SETTINGS,
+    ];
     remove_where(headers, |n| {
         hop(n)
             || CLIENT_IDENTITY.contains(n)
             || n.as_str().starts_with("x-forwarded-")
+            || n.as_str().starts_with("proxy-")
             || n.as_str() == "x-real-ip"
     });
 }
@@ -137,11 +154,13 @@ pub fn take_set_cookies(headers: &mut HeaderMap) -> Vec<HeaderValue> {
 }
 
 /// Filters Knoq's response headers for the client: hop-by-hop headers,
-/// `Alt-Svc` and `Access-Control-*` go, and so does any `Set-Cookie` left
+/// `Alt-Svc` and `Access-Control-*` go, `Set-Cookie2` too, and so does any
+/// `Set-Cookie` left
 /// (the Knoq client has taken them already; a cookie never reaches a
 /// client whatever path a response took).
 pub fn filter_response(headers: &mut HeaderMap) {
     headers.remove(SET_COOKIE);
+    headers.remove(SET_COOKIE2);
     let hop = hop_by_hop(headers);
     remove_where(headers, |n| {
         hop(n) || n == ALT_SVC || n.as_str().starts_with("access-control-")
@@ -305,6 +324,30 @@ mod tests {
             ["kept", "kept too"]
         );
         assert_eq!(h.len(), 5, "{h:?}");
+    }
+
+    #[test]
+    fn hop_and_path_headers_of_the_client_never_reach_knoq() {
+        let mut h = map(&[
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQAAP__"),
+            ("via", "1.1 corp-proxy"),
+            ("max-forwards", "3"),
+            ("proxy-authorization", "Basic eDp5"),
+            ("proxy-anything", "1"),
+            ("te", "trailers, deflate"),
+            ("accept", "application/json"),
+        ]);
+        strip_client_identity(&mut h);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["accept"]);
+    }
+
+    #[test]
+    fn set_cookie2_never_reaches_a_client() {
+        let mut h = map(&[("set-cookie2", "a=b; Version=1"), ("set-cookie", "c=d")]);
+        filter_response(&mut h);
+        assert!(h.is_empty(), "{h:?}");
     }
 
     #[test]

@@ -155,6 +155,7 @@ pub async fn run(
         tls: prepared.tls.clone(),
         header_read_timeout: server.header_read_timeout,
         idle_timeout: server.idle_timeout,
+        send_timeout: server.send_timeout,
         max_connections: server.max_connections,
         max_header_bytes: server.max_header_bytes,
         shutdown_grace: server.shutdown_grace,

@@ -6,14 +6,24 @@
 //! knowledge, i.e. h2c; `Upgrade` is never honoured because connections are
 //! served without upgrade support). Protections against bad clients, none
 //! of which lets one client stall another:
-//! - `max_connections`: a semaphore permit per connection; beyond it new
-//!   connections wait in the kernel's accept queue;
+//! - `max_connections`: a semaphore permit per connection; a connection
+//!   beyond it is answered at once with 503 `too_many_connections` and
+//!   closed (a TLS one is closed), never left waiting in the accept queue;
 //! - header read timeout: hyper's HTTP/1 timer, and for a connection that
 //!   has not started a request yet, the idle watcher below;
 //! - idle timeout: a connection with no request in flight for that long is
 //!   closed gracefully (GOAWAY for HTTP/2);
-//! - head size: hyper's read buffer is bounded (the JSON 431 comes earlier,
-//!   from `inspect.rs`; hyper's own 431 is the backstop).
+//! - send timeout: a response the client takes nothing of for
+//!   `send_timeout` (an HTTP/1.1 socket that accepts no byte, an HTTP/2
+//!   stream whose window stays shut) closes its connection, which drops
+//!   its upstream request; checked whether or not anything polls the body;
+//! - head size: hyper's read buffer is bounded at four times
+//!   `max_header_bytes` (at least 64 KiB), so the JSON 431 from
+//!   `inspect.rs` answers every head up to it; hyper's bare 431 is the
+//!   backstop beyond;
+//! - HTTP/2: at most 100 concurrent streams, 64 KiB receive window per
+//!   stream and 64 KiB of response buffered per stream (Envoy's edge
+//!   settings), so a client that stops reading holds little memory.
 //!
 //! Shutdown: stop accepting, ask every connection to finish gracefully
 //! (in-flight requests complete, idle ones close), wait up to the grace
@@ -37,7 +47,8 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
-use crate::body::{BoxBody, Guarded};
+use crate::body::BoxBody;
+use crate::error::GatewayError;
 
 /// Something that answers requests: the proxy pipeline or the admin page.
 pub trait Handler: Send + Sync + 'static {
@@ -50,6 +61,7 @@ pub struct ServeOptions {
     pub tls: Option<TlsAcceptor>,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    pub send_timeout: Duration,
     pub max_connections: usize,
     pub max_header_bytes: usize,
     pub shutdown_grace: Duration,
@@ -72,11 +84,10 @@ pub async fn serve<H: Handler>(
     let (done_tx, mut done_rx) = mpsc::channel::<Infallible>(1);
     let mut accept_backoff = Duration::from_millis(5);
     tokio::pin!(shutdown);
+    // Connections past the cap are answered by a small task each; these
+    // are bounded too, past which a connection is simply closed.
+    let refusals = Arc::new(Semaphore::new(REFUSALS_AT_ONCE));
     loop {
-        let permit = tokio::select! {
-            () = &mut shutdown => break,
-            permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-        };
         let (stream, peer) = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
@@ -91,6 +102,17 @@ pub async fn serve<H: Handler>(
             },
         };
         accept_backoff = Duration::from_millis(5);
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "connection refused: max_connections reached");
+            if let (None, Ok(slot)) = (&opts.tls, refusals.clone().try_acquire_owned()) {
+                let builder = builder.clone();
+                tokio::spawn(async move {
+                    refuse(stream, &builder).await;
+                    drop(slot);
+                });
+            }
+            continue;
+        };
         let handler = handler.clone();
         let opts = opts.clone();
         let builder = builder.clone();
@@ -124,6 +146,23 @@ pub async fn serve<H: Handler>(
     }
 }
 
+/// Refusal tasks that may run at once (connections past the cap).
+const REFUSALS_AT_ONCE: usize = 64;
+/// How long a refused connection gets to read its 503.
+const REFUSAL_TIME: Duration = Duration::from_secs(2);
+
+/// Answers every request of a connection past `max_connections` with 503
+/// `too_many_connections` and closes it, within a short bound. Plain
+/// connections only: a TLS client would need a handshake first, so it is
+/// simply closed.
+async fn refuse(stream: TcpStream, builder: &auto::Builder<TokioExecutor>) {
+    let service = service_fn(|_req: Request<Incoming>| async {
+        Ok::<_, Infallible>(GatewayError::TooManyConnections.into_response(0))
+    });
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    let _ = tokio::time::timeout(REFUSAL_TIME, conn).await;
+}
+
 /// The HTTP settings every connection of a listener shares, built once.
 fn connection_builder(opts: &ServeOptions) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -135,19 +174,36 @@ fn connection_builder(opts: &ServeOptions) -> auto::Builder<TokioExecutor> {
         // Our own limit answers with JSON first (inspect.rs); hyper's bare
         // 431 is only the backstop for heads far beyond it.
         .max_headers(256)
-        // hyper's floor is 8 KiB; leave room above our own (JSON) limit.
-        .max_buf_size((opts.max_header_bytes * 2).max(8192 + 1024));
+        .max_buf_size(parser_buffer(opts.max_header_bytes));
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(opts.max_header_bytes * 2).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256)
+        .max_header_list_size(
+            u32::try_from(parser_buffer(opts.max_header_bytes)).unwrap_or(u32::MAX),
+        )
+        // Envoy's edge-proxy settings: few streams, small windows, and a
+        // small send buffer per stream, so a client that stops reading
+        // holds little of the gateway's memory until the send timeout.
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .max_send_buf_size(H2_SEND_BUFFER)
         // A peer that stops answering pings is dead: close it.
         .keep_alive_interval(Some(H2_PING_INTERVAL))
         .keep_alive_timeout(H2_PING_TIMEOUT);
     builder
 }
 
+/// The largest head hyper reads before refusing it itself: four times our
+/// own JSON limit, and never below 64 KiB (hyper wants at least 8 KiB).
+fn parser_buffer(max_header_bytes: usize) -> usize {
+    (max_header_bytes * 4).max(64 * 1024)
+}
+
+const H2_MAX_STREAMS: u32 = 100;
+const H2_STREAM_WINDOW: u32 = 64 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
+const H2_SEND_BUFFER: usize = 64 * 1024;
 const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -188,8 +244,9 @@ async fn drive<I, H>(
         let in_flight = svc_activity.begin();
         async move {
             let rsp = handler.handle(req).await;
-            // The request counts as in flight until its body is sent.
-            Ok::<_, Infallible>(rsp.map(|b| Guarded::new(b, in_flight).boxed_unsync()))
+            // The request counts as in flight until its body is sent, and
+            // the body tells the watcher when it waits on the client.
+            Ok::<_, Infallible>(rsp.map(|b| Watched::new(b, in_flight).boxed_unsync()))
         }
     });
     let conn = builder.serve_connection(TokioIo::new(io), service);
@@ -213,6 +270,13 @@ async fn drive<I, H>(
                 (closing, closing_since) = (true, Instant::now());
                 conn.as_mut().graceful_shutdown();
             }
+            () = activity.stalled(opts.send_timeout) => {
+                tracing::info!(
+                    send_timeout = ?opts.send_timeout,
+                    "closing a connection whose client took nothing of a response for the send timeout"
+                );
+                break;
+            }
             // A graceful close waits for the peer (an HTTP/2 GOAWAY wants a
             // ping answer); a peer that never answers must not keep the
             // connection, or its slot, forever.
@@ -234,6 +298,10 @@ async fn drive<I, H>(
 struct Activity {
     born: Instant,
     in_flight: AtomicUsize,
+    /// One clock per response being sent: milliseconds after `born` (plus
+    /// one, so 0 means "not waiting") since the response has waited on the
+    /// client to take what it was handed.
+    waiting: std::sync::Mutex<Vec<Arc<AtomicU64>>>,
     /// Milliseconds after `born` when the connection last became idle.
     idle_since_ms: AtomicU64,
     served_any: AtomicBool,
@@ -241,6 +309,13 @@ struct Activity {
 
 /// Marks one request in flight until dropped.
 struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    /// Milliseconds since the connection was born, plus one (never 0).
+    fn now_mark(&self) -> u64 {
+        self.0.born.elapsed().as_millis() as u64 + 1
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -256,6 +331,7 @@ impl Activity {
         Activity {
             born: Instant::now(),
             in_flight: AtomicUsize::new(0),
+            waiting: std::sync::Mutex::new(Vec::new()),
             idle_since_ms: AtomicU64::new(0),
             served_any: AtomicBool::new(false),
         }
@@ -265,6 +341,41 @@ impl Activity {
         self.served_any.store(true, Ordering::Release);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(self.clone())
+    }
+
+    /// A clock for one response, registered with the watcher.
+    fn response_clock(&self) -> Arc<AtomicU64> {
+        let clock = Arc::new(AtomicU64::new(0));
+        let mut all = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        // Responses that have ended hold no other reference.
+        all.retain(|c| Arc::strong_count(c) > 1);
+        all.push(clock.clone());
+        clock
+    }
+
+    /// Resolves once some response has waited on the client for longer
+    /// than `send_timeout`. Wakes on its own timer, at the earliest moment
+    /// one could be due, never woken by the requests.
+    async fn stalled(&self, send_timeout: Duration) {
+        loop {
+            let now_ms = self.born.elapsed().as_millis() as u64 + 1;
+            let limit = send_timeout.as_millis() as u64;
+            let oldest = {
+                let mut all = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+                all.retain(|c| Arc::strong_count(c) > 1);
+                all.iter()
+                    .map(|c| c.load(Ordering::Acquire))
+                    .filter(|since| *since != 0)
+                    .min()
+            };
+            let next = match oldest {
+                Some(since) if now_ms >= since + limit => return,
+                Some(since) => Duration::from_millis(since + limit - now_ms),
+                // A response handed over from now on cannot be due sooner.
+                None => send_timeout,
+            };
+            tokio::time::sleep(next).await;
+        }
     }
 
     /// Resolves once the connection has had no request in flight for the
@@ -306,5 +417,69 @@ impl Activity {
             };
             tokio::time::sleep_until(deadline).await;
         }
+    }
+}
+
+// === impl Watched ===
+
+pin_project_lite::pin_project! {
+    /// A response body as the connection sends it: holds the request's
+    /// in-flight mark until the body ends, and keeps the response's clock
+    /// for the send timeout. From the moment it hands hyper something (the
+    /// head, then each frame) until hyper asks for more, the response is
+    /// waiting on the client; while it is polled, it is not (a slow
+    /// upstream is not the client's fault).
+    struct Watched<B> {
+        #[pin]
+        inner: B,
+        in_flight: Option<InFlight>,
+        clock: Arc<AtomicU64>,
+    }
+}
+
+impl<B> Watched<B> {
+    fn new(inner: B, in_flight: InFlight) -> Self {
+        let clock = in_flight.0.response_clock();
+        clock.store(in_flight.now_mark(), Ordering::Release);
+        Watched {
+            inner,
+            in_flight: Some(in_flight),
+            clock,
+        }
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for Watched<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        use std::task::Poll;
+        let this = self.project();
+        this.clock.store(0, Ordering::Release);
+        let polled = this.inner.poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(_))) => {
+                if let Some(mark) = this.in_flight.as_ref().map(InFlight::now_mark) {
+                    this.clock.store(mark, Ordering::Release);
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
+                this.in_flight.take();
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -165,6 +165,7 @@ impl Upstream {
             .await
             .map_err(|_| UpstreamError::Timeout(self.timeout))?
             .map_err(classify)?;
+        check_framing(&response)?;
         Ok(match bound {
             ResponseBound::Exchange => {
                 response.map(|body| Bounded::deadline(body, deadline).boxed_unsync())
@@ -174,6 +175,34 @@ impl Upstream {
             }
         })
     }
+}
+
+/// An answer whose framing a client could read differently from us.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct BadFraming(&'static str);
+
+/// Refuses answers that must not be passed on: a body framed by both a
+/// length and a transfer coding (hyper has decoded the chunks, so the
+/// length would be stale and a client would read a truncated or torn
+/// body), lengths that disagree, and a `101 Switching Protocols` nobody
+/// asked for (HTTP/2 cannot even carry it). Envoy and nginx answer 502.
+fn check_framing<B>(rsp: &Response<B>) -> Result<(), UpstreamError> {
+    use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+    let bad = |why| Err(UpstreamError::Protocol(Box::new(BadFraming(why))));
+    if rsp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        return bad("Knoq switched protocols unasked");
+    }
+    let mut lengths = rsp.headers().get_all(CONTENT_LENGTH).iter();
+    if let Some(first) = lengths.next() {
+        if rsp.headers().contains_key(TRANSFER_ENCODING) {
+            return bad("Knoq's answer has both Content-Length and Transfer-Encoding");
+        }
+        if lengths.any(|other| other != first) {
+            return bad("Knoq's answer has Content-Length values that disagree");
+        }
+    }
+    Ok(())
 }
 
 /// Sorts a client error into what an operator can act on.
@@ -232,4 +261,39 @@ fn chain<'a>(
     err: &'a (dyn StdError + 'static),
 ) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
     std::iter::successors(Some(err), |e| (*e).source())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rsp(status: u16, headers: &[(&str, &str)]) -> Response<()> {
+        let mut b = Response::builder().status(status);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn answers_with_ambiguous_framing_are_refused() {
+        assert!(check_framing(&rsp(200, &[("content-length", "5")])).is_ok());
+        assert!(check_framing(&rsp(200, &[("transfer-encoding", "chunked")])).is_ok());
+        assert!(check_framing(&rsp(
+            200,
+            &[("content-length", "5"), ("content-length", "5")]
+        ))
+        .is_ok());
+        for bad in [
+            rsp(
+                200,
+                &[("content-length", "5"), ("transfer-encoding", "chunked")],
+            ),
+            rsp(200, &[("content-length", "5"), ("content-length", "6")]),
+            rsp(101, &[("upgrade", "websocket")]),
+        ] {
+            let err = check_framing(&bad).unwrap_err();
+            assert_eq!(err.kind(), "protocol", "{err}");
+        }
+    }
 }
