@@ -29,12 +29,12 @@ async fn process(
     bed: &TestBed,
     name: &str,
     edit: impl Fn(String) -> String,
-) -> (Process, std::process::Child, std::path::PathBuf) {
+) -> (Process, Running, std::path::PathBuf) {
     let gw = bed.process_config(&format!("{name}.toml"), Some(&format!("state-{name}")));
     let text = std::fs::read_to_string(&gw.config).unwrap();
     std::fs::write(&gw.config, edit(text)).unwrap();
     let log = bed.dir.0.join(format!("{name}.log"));
-    let child = gw.spawn(Stdio::from(std::fs::File::create(&log).unwrap()));
+    let child = gw.run(Stdio::from(std::fs::File::create(&log).unwrap()));
     gw.wait_healthy(&client()).await;
     (gw, child, log)
 }
@@ -42,7 +42,7 @@ async fn process(
 #[tokio::test]
 async fn an_abandoned_request_leaves_the_inflight_gauge_and_is_logged_and_counted_as_499() {
     let bed = TestBed::start().await;
-    let (gw, mut child, log) = process(&bed, "abandon", |t| t).await;
+    let (gw, child, log) = process(&bed, "abandon", |t| t).await;
     let c = client();
     bed.control
         .fail_next(SimRoute::SessionsList, vec![Fault::Hang]);
@@ -77,8 +77,7 @@ async fn an_abandoned_request_leaves_the_inflight_gauge_and_is_logged_and_counte
         },
     )
     .await;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.kill();
     let text = std::fs::read_to_string(&log).unwrap();
     let lines: Vec<&str> = text
         .lines()
@@ -148,7 +147,7 @@ async fn a_rotation_on_the_resend_after_a_stale_cookie_is_counted() {
 #[tokio::test]
 async fn a_rotation_seen_by_a_keep_alive_probe_is_counted() {
     let bed = TestBed::start().await;
-    let (gw, mut child, _log) = process(&bed, "probe", |t| {
+    let (gw, child, _log) = process(&bed, "probe", |t| {
         t.replace(
             "cookie_file = \"alice.cookie\"\n",
             "cookie_file = \"alice.cookie\"\nprobe = \"1s\"\n",
@@ -171,6 +170,5 @@ async fn a_rotation_seen_by_a_keep_alive_probe_is_counted() {
     assert!(bed.control.requests().iter().any(|r| {
         r.path == "/api/managed-agents/sessions" && r.user.as_deref() == Some("alice")
     }));
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.kill();
 }

@@ -421,7 +421,31 @@ impl TestBed {
     }
 }
 
+/// A child process killed (SIGKILL) and reaped when dropped, so a test
+/// that fails half-way leaves no gateway running.
+pub struct Running(pub std::process::Child);
+
+impl Running {
+    /// Kills the process now and waits for it.
+    pub fn kill(mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 impl Process {
+    /// Starts `knoq-gateway serve` on this config, killed when dropped.
+    pub fn run(&self, stderr: std::process::Stdio) -> Running {
+        Running(self.spawn(stderr))
+    }
+
     /// Starts `knoq-gateway serve` on this config.
     pub fn spawn(&self, stderr: std::process::Stdio) -> std::process::Child {
         std::process::Command::new(env!("CARGO_BIN_EXE_knoq-gateway"))

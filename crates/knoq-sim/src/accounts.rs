@@ -180,6 +180,16 @@ impl Accounts {
         lines
     }
 
+    /// The `knoq_session` value accepted for `user` now, if any.
+    pub(super) fn session_of(&self, user: &str) -> Option<String> {
+        let inner = self.lock();
+        inner
+            .users
+            .iter()
+            .find(|a| a.name == user)
+            .and_then(|a| a.session.clone())
+    }
+
     /// Schedules a rotation; false if there is no such user.
     pub(super) fn rotate(&self, user: &str, new_value: &str) -> bool {
         self.with_account(user, |a| a.rotation = Some(new_value.to_string()))

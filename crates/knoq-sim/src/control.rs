@@ -58,6 +58,12 @@ impl SimControl {
         self.shared.accounts.push_set_cookie(user, raw_set_cookie)
     }
 
+    /// The `knoq_session` value Knoq accepts for `user` now (after any
+    /// rotation it has sent), or `None` if none is or there is no such user.
+    pub fn session_value(&self, user: &str) -> Option<String> {
+        self.shared.accounts.session_of(user)
+    }
+
     /// Makes `user`'s current cookie invalid (401) until `set_cookie`.
     /// Returns false if there is no such user.
     pub fn expire_cookie(&self, user: &str) -> bool {
