@@ -16,7 +16,7 @@
 //!
 //! | part | kept when | otherwise |
 //! |---|---|---|
-//! | quota store, wait queues, metrics, clock, drain latch | always | `state.dir` applies after a restart (a warning says so) |
+//! | quota store, wait queues, in-flight counters, metrics, clock, drain latch | always | `state.dir` applies after a restart (a warning says so) |
 //! | forwarder: pool, circuit, retry budget, confirmed sends | `[upstream]`, `[retry]` and `[circuit]` are equal | rebuilt from the new sections (reads `upstream.ca_file`) |
 //! | a user's live credential (cookie, status, rotation lock) | its cookie source is the same | read from the new source |
 //! | listen addresses, the clients' TLS files | bound at start-up | apply after a restart (a warning says so) |
@@ -28,6 +28,7 @@ use std::sync::Arc;
 
 use tokio_rustls::TlsAcceptor;
 
+use crate::admission::Counters;
 use crate::auth::{Principal, TokenTable};
 use crate::clock::{Clock, Millis};
 use crate::config::{Config, ConfigError, Problem};
@@ -44,6 +45,8 @@ use crate::upstream::Upstream;
 /// The parts that outlive any one configuration.
 pub struct Services {
     pub clock: Arc<dyn Clock>,
+    /// Requests in flight, in all and per account.
+    pub inflight: Counters,
     pub metrics: Arc<Metrics>,
     pub store: Arc<dyn QuotaStore>,
     pub queues: WaitQueues,
@@ -137,6 +140,7 @@ pub fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, ConfigErr
     let metrics = Metrics::new();
     let services = Services {
         clock,
+        inflight: Counters::default(),
         metrics,
         store,
         queues: WaitQueues::default(),
@@ -254,6 +258,7 @@ fn stages(
             &config.quotas,
         ),
         clock: services.clock.clone(),
+        admission: (services.inflight.clone(), config.server.admission),
         config,
         metrics: services.metrics.clone(),
     }

@@ -44,6 +44,11 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: &str = "10s";
 pub const DEFAULT_IDLE_TIMEOUT: &str = "75s";
 pub const DEFAULT_SEND_TIMEOUT: &str = "30s";
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Envoy's default circuit-breaker `max_requests`.
+pub const DEFAULT_MAX_INFLIGHT: usize = 1024;
+/// One account alone cannot take more streams than an HTTP/2 upstream
+/// commonly allows on one connection (100).
+pub const DEFAULT_MAX_INFLIGHT_PER_USER: usize = 100;
 pub const DEFAULT_SHUTDOWN_GRACE: &str = "30s";
 pub const DEFAULT_UPSTREAM_URL: &str = "https://knoq.one";
 pub const DEFAULT_ORIGIN: &str = "https://knoq.one";
@@ -109,6 +114,8 @@ struct RawServer {
     idle_timeout: Option<String>,
     send_timeout: Option<String>,
     max_connections: Option<usize>,
+    max_inflight: Option<usize>,
+    max_inflight_per_user: Option<usize>,
     shutdown_grace: Option<String>,
     allowed_hosts: Option<Vec<String>>,
 }
@@ -251,8 +258,11 @@ pub struct ServerConfig {
     /// socket accepts no byte; HTTP/2: the stream's window stays shut) is
     /// abandoned: its connection closes, its upstream request is dropped.
     pub send_timeout: Duration,
-    /// Connections beyond this wait in the kernel's accept queue.
+    /// Connections beyond this are refused at once (503, then closed).
     pub max_connections: usize,
+    /// Requests in flight at once, in all and per account; past either,
+    /// 503 `gateway_overloaded` at once.
+    pub admission: crate::admission::Limits,
     /// On SIGTERM/SIGINT, in-flight requests get this long to finish.
     pub shutdown_grace: Duration,
     /// Host names (without port, lower case) a request's `Host` may carry.
@@ -857,6 +867,19 @@ impl RawServer {
         if max_connections == 0 {
             c.problem("server.max_connections", "must be at least 1");
         }
+        let max_inflight = self.max_inflight.unwrap_or(DEFAULT_MAX_INFLIGHT);
+        if max_inflight == 0 {
+            c.problem("server.max_inflight", "must be at least 1");
+        }
+        let max_inflight_per_user = self
+            .max_inflight_per_user
+            .unwrap_or(DEFAULT_MAX_INFLIGHT_PER_USER.min(max_inflight));
+        if max_inflight_per_user == 0 || max_inflight_per_user > max_inflight {
+            c.problem(
+                "server.max_inflight_per_user",
+                "must be at least 1 and at most server.max_inflight",
+            );
+        }
         let allowed_hosts = match self.allowed_hosts {
             Some(list) => {
                 let mut hosts = Vec::new();
@@ -896,6 +919,10 @@ impl RawServer {
                 DEFAULT_SEND_TIMEOUT,
             ),
             max_connections,
+            admission: crate::admission::Limits {
+                total: max_inflight,
+                per_user: max_inflight_per_user,
+            },
             shutdown_grace: c.duration(
                 "server.shutdown_grace",
                 self.shutdown_grace.as_deref(),

@@ -12,6 +12,7 @@ use http::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER, WW
 use http::{Response, StatusCode};
 use serde_json::json;
 
+use crate::admission::Full;
 use crate::auth::AuthError;
 use crate::body::{self, BoxBody};
 use crate::inspect::{HygieneError, ALLOWED_METHODS};
@@ -51,6 +52,8 @@ pub enum GatewayError {
     CircuitOpen { retry_after_secs: u64 },
     #[error("the gateway has as many client connections open as it allows")]
     TooManyConnections,
+    #[error("the gateway is handling as many requests as it allows ({})", match .0 { Full::Gateway => "in all", Full::Account => "for this account" })]
+    Overloaded(Full),
     #[error("the request may or may not have been applied by Knoq; {checked}")]
     OutcomeUnknown { timed_out: bool, checked: String },
 }
@@ -167,6 +170,11 @@ impl GatewayError {
                 "too_many_connections",
                 Internal,
             ),
+            GatewayError::Overloaded(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "gateway_overloaded",
+                Internal,
+            ),
             GatewayError::OutcomeUnknown {
                 timed_out: true, ..
             } => (StatusCode::GATEWAY_TIMEOUT, "outcome_unknown", Upstream),
@@ -223,6 +231,12 @@ impl GatewayError {
             GatewayError::TooManyConnections => {
                 "the gateway has as many client connections open as it allows; retry shortly, or reuse a connection".into()
             }
+            GatewayError::Overloaded(Full::Gateway) => {
+                "the gateway is handling as many requests as it allows; nothing was sent to Knoq; retry shortly".into()
+            }
+            GatewayError::Overloaded(Full::Account) => {
+                "this Knoq account has as many requests in flight as the gateway allows one account; nothing was sent to Knoq; retry shortly".into()
+            }
             GatewayError::Upstream(UpstreamError::Reset(_)) => {
                 "the connection to Knoq closed before a complete answer; it may still have acted on the request".into()
             }
@@ -258,6 +272,7 @@ impl GatewayError {
             GatewayError::TooManyConnections => {
                 rsp = rsp.header(RETRY_AFTER, "1").header(CONNECTION, "close")
             }
+            GatewayError::Overloaded(_) => rsp = rsp.header(RETRY_AFTER, "1"),
             GatewayError::CircuitOpen { retry_after_secs } => {
                 rsp = rsp.header(RETRY_AFTER, *retry_after_secs)
             }

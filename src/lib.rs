@@ -41,6 +41,7 @@
 //! | `secrets` | reading secret files (mode and symlink checks) |
 //! | `state` | the state directory; atomic, durable file replacement |
 //! | `shutdown` | the signals that end the process; the drain latch |
+//! | `admission` | the in-flight caps: in all and per account, refused before anything is read |
 //! | `clock` | injectable wall-clock milliseconds and all calendar arithmetic |
 //! | `units` | duration and size parsing |
 //!
@@ -63,6 +64,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod admission;
 mod assemble;
 pub mod auth;
 mod body;

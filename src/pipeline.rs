@@ -3,6 +3,8 @@
 //! ```text
 //! handle (outer: request id, one log line, error -> response)
 //!   └─ handle_inner
+//!        admission -> admission.rs (503 when the gateway, then the account,
+//!                                   has as many requests in flight as allowed)
 //!        hygiene  -> inspect.rs   (400/405/421/431; nothing read yet)
 //!        auth     -> auth.rs      (401)
 //!        route    -> route.rs     (400/404; SCIM needs a scim token: 403)
@@ -32,6 +34,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use crate::admission::{Counters, Limits};
 use crate::auth::{Principal, TokenTable};
 use crate::body::{self, BodyFault, BoxBody};
 use crate::clock::Clock;
@@ -62,6 +65,9 @@ pub struct Gateway {
     /// The configuration this gateway was built from.
     pub(crate) config: Arc<crate::config::Config>,
     pub(crate) metrics: Arc<Metrics>,
+    /// The in-flight counters (shared by every configuration) and this
+    /// configuration's caps on them.
+    pub(crate) admission: (Counters, Limits),
 }
 
 /// Facts the stages learn about one request, read once at the end for the
@@ -268,11 +274,17 @@ impl Gateway {
         req: Request<Incoming>,
         ctx: &mut RequestCtx,
     ) -> Result<Response<BoxBody>, GatewayError> {
+        // Overload is refused first, before anything is read or charged.
+        let (counters, limits) = &self.admission;
+        let mut slot = counters.enter(*limits).map_err(GatewayError::Overloaded)?;
         let (mut parts, body) = req.into_parts();
         self.hygiene.check(&parts)?;
 
         let principal = self.tokens.authenticate(&parts.headers)?.clone();
         ctx.principal = Some(principal.clone());
+        counters
+            .enter_user(&mut slot, &principal.user, *limits)
+            .map_err(GatewayError::Overloaded)?;
 
         let route = route::classify(&parts.method, parts.uri.path())?;
         ctx.route = Some(route);

@@ -1,0 +1,89 @@
+//! Overload is refused at once, with a JSON 503 that blames no one but
+//! the gateway, and never spills onto another account or opens the
+//! circuit: past `server.max_inflight_per_user` an account's further
+//! requests get `gateway_overloaded` while other accounts are served, and
+//! past `server.max_inflight` everyone's do.
+
+mod support;
+
+use std::time::Duration;
+
+use knoq_sim::{Fault, SimRoute};
+use support::*;
+use tokio::io::AsyncWriteExt;
+
+/// Opens a transcript request that Knoq holds, on its own connection.
+async fn held(bed: &TestBed, token: &str, n: usize) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(bed.addr).await.unwrap();
+    let get = format!(
+        "GET /api/managed-agents/transcript?sessionId=held{n} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {}\r\n\r\n",
+        bed.token(token)
+    );
+    s.write_all(get.as_bytes()).await.unwrap();
+    s
+}
+
+async fn wait_in_flight(bed: &TestBed, n: usize) {
+    let control = bed.control.clone();
+    eventually("Knoq holds the requests", Duration::from_secs(10), || {
+        let control = control.clone();
+        async move { control.in_flight() == n }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn one_accounts_burst_is_refused_at_once_while_others_are_served_and_the_circuit_stays_closed(
+) {
+    let bed = BedBuilder {
+        server_toml: "max_inflight = 4\nmax_inflight_per_user = 3\n".into(),
+        ..TestBed::builder()
+    }
+    .start()
+    .await;
+    bed.control
+        .fail_next(SimRoute::Transcript, vec![Fault::Hang; 4]);
+    let mut holding = Vec::new();
+    for n in 0..3 {
+        holding.push(held(&bed, "alice-svc", n).await);
+    }
+    wait_in_flight(&bed, 3).await;
+
+    // Alice's next request, by any of her tokens: refused at once.
+    let started = std::time::Instant::now();
+    let r = bed.get(SESSIONS, "alice-batch").await;
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["code"], "gateway_overloaded");
+    assert_eq!(r.headers["retry-after"], "1");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused at once"
+    );
+    // Bob is served meanwhile.
+    let r = bed.get(SESSIONS, "bob-svc").await;
+    assert_eq!(r.status, 200);
+
+    // The gateway-wide cap: one more of Bob's held makes four in flight.
+    holding.push(held(&bed, "bob-svc", 3).await);
+    wait_in_flight(&bed, 4).await;
+    let r = bed.get(SESSIONS, "bob-svc").await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["code"], "gateway_overloaded");
+    let seen = bed.control.requests().len();
+    assert_eq!(seen, 5, "refused requests never reached Knoq");
+
+    let metrics = String::from_utf8(bed.scrape().await.body.to_vec()).unwrap();
+    assert!(
+        metrics.lines().any(|l| l == "knoq_gateway_circuit_open 0"),
+        "overload is not Knoq's failure"
+    );
+    // Places free as requests end.
+    drop(holding);
+    wait_in_flight(&bed, 0).await;
+    let end = tokio::time::Instant::now() + Duration::from_secs(5);
+    while bed.get(SESSIONS, "alice-svc").await.status != 200 {
+        assert!(tokio::time::Instant::now() < end, "places never freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bed.shutdown().await;
+}
