@@ -30,11 +30,15 @@ pub fn parse_set_cookie(line: &str, now: Millis) -> Option<SetCookie> {
     {
         return None;
     }
-    let value = value.trim().trim_matches('"');
-    if !value
-        .bytes()
-        .all(|b| b.is_ascii_graphic() && b != b';' && b != b',' && b != b'\\')
-    {
+    // RFC 6265 §4.1.1: `*cookie-octet`, or the same in one pair of quotes.
+    // Anything else (a quote, comma, semicolon or backslash inside, spaces,
+    // controls) could be read differently by Knoq and by us: refused.
+    let value = value.trim();
+    let value = value
+        .strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .unwrap_or(value);
+    if !value.bytes().all(is_cookie_octet) {
         return None;
     }
     let mut remove = false;
@@ -52,6 +56,11 @@ pub fn parse_set_cookie(line: &str, now: Millis) -> Option<SetCookie> {
         value: value.to_string(),
         remove,
     })
+}
+
+/// RFC 6265's `cookie-octet`: printable ASCII but space, `"`, `,`, `;`, `\\`.
+fn is_cookie_octet(b: u8) -> bool {
+    matches!(b, 0x21 | 0x23..=0x2B | 0x2D..=0x3A | 0x3C..=0x5B | 0x5D..=0x7E)
 }
 
 /// Applies `changes` to a `Cookie` header value (`a=1; b=2`), keeping the
@@ -85,6 +94,7 @@ pub fn merge(cookie: &str, changes: &[SetCookie]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
 
     const NOW: Millis = 1_795_942_561_204; // 2026-11-29T08:56:01.204Z
 
@@ -108,6 +118,11 @@ mod tests {
         assert_eq!(parse_set_cookie("no pair here", NOW), None);
         assert_eq!(parse_set_cookie("=x", NOW), None);
         assert_eq!(parse_set_cookie("a=b\u{7f}", NOW), None);
+        // A quote, comma or backslash inside a value: Knoq might read it
+        // differently, so it is not applied.
+        for bad in ["a=x\"y", "a=\"x", "a=x,y", "a=x\\y", "a=x y"] {
+            assert_eq!(parse_set_cookie(bad, NOW), None, "{bad}");
+        }
     }
 
     #[test]
@@ -123,5 +138,45 @@ mod tests {
         );
         assert_eq!(merged, "knoq_session=new; theme=dark; fresh=2");
         assert_eq!(merge(stored, &[sc("absent=; Max-Age=0")]), stored);
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// RFC 6265 `cookie-octet`: what a value may hold so that every
+        /// parser reads the same pairs.
+        fn cookie_octet(b: u8) -> bool {
+            matches!(b, 0x21 | 0x23..=0x2B | 0x2D..=0x3A | 0x3C..=0x5B | 0x5D..=0x7E)
+        }
+
+        fn token(b: u8) -> bool {
+            b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn a_merged_cookie_reads_back_as_the_same_unambiguous_pairs(
+                stored in proptest::collection::btree_map("[a-z_]{1,6}", "[a-zA-Z0-9-]{0,8}", 0..5),
+                lines in proptest::collection::vec(
+                    prop_oneof!["[a-z_]{1,6}=[ -~]{0,12}(; [A-Za-z-]{1,8}(=[ -~]{0,8})?){0,2}", "[ -~]{0,30}"],
+                    0..6,
+                ),
+            ) {
+                let cookie = stored.iter().map(|(n, v)| format!("{n}={v}")).collect::<Vec<_>>().join("; ");
+                let changes: Vec<SetCookie> = lines.iter().filter_map(|l| parse_set_cookie(l, NOW)).collect();
+                let merged = merge(&cookie, &changes);
+                prop_assert!(HeaderValue::from_str(&merged).is_ok(), "{merged:?}");
+                let mut names = std::collections::HashSet::new();
+                for pair in merged.split("; ").filter(|p| !p.is_empty()) {
+                    let (n, v) = pair.split_once('=').expect("every pair is name=value");
+                    prop_assert!(!n.is_empty() && n.bytes().all(token), "name {n:?} in {merged:?}");
+                    prop_assert!(v.bytes().all(cookie_octet), "value {v:?} in {merged:?}");
+                    prop_assert!(names.insert(n.to_string()), "{n} twice in {merged:?}");
+                }
+            }
+        }
     }
 }

@@ -317,6 +317,14 @@ impl Credentials {
             .filter_map(|l| l.to_str().ok())
             .filter_map(|l| cookies::parse_set_cookie(l, now))
             .collect();
+        if changes.len() < lines.len() {
+            // Never the line itself: it holds a cookie.
+            tracing::warn!(
+                user,
+                ignored = lines.len() - changes.len(),
+                "Knoq sent a Set-Cookie line that is not a plain name=value pair of cookie characters; it was not applied"
+            );
+        }
         if changes.is_empty() {
             return false;
         }

@@ -422,4 +422,61 @@ mod tests {
         assert!(!text.contains("SECRET"), "{text}");
         assert!(text.contains("visible"));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn name() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("cookie".to_string()),
+                Just("origin".to_string()),
+                Just("authorization".to_string()),
+                Just("host".to_string()),
+                Just("connection".to_string()),
+                Just("te".to_string()),
+                Just("proxy-authorization".to_string()),
+                "x-[a-z]{1,4}",
+                "[a-z][a-z0-9-]{0,6}",
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn no_client_chosen_identity_reaches_knoq(
+                headers in proptest::collection::vec((name(), "[ -~]{0,16}"), 0..12),
+                named in proptest::collection::vec(name(), 0..4),
+                scim in any::<bool>(),
+            ) {
+                let mut h = HeaderMap::new();
+                for (n, v) in &headers {
+                    if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(n.as_bytes()), HeaderValue::from_str(v)) {
+                        h.append(n, v);
+                    }
+                }
+                if !named.is_empty() {
+                    h.append(CONNECTION, HeaderValue::from_str(&named.join(", ")).unwrap());
+                }
+                let ours = HeaderValue::from_static("knoq_session=ours");
+                let bearer = HeaderValue::from_static("Bearer scim-ours");
+                let origin = HeaderValue::from_static("https://knoq.one");
+                strip_client_identity(&mut h);
+                let auth = if scim { UpstreamAuth::Bearer(&bearer) } else { UpstreamAuth::Cookie(&ours) };
+                attach_identity(&mut h, auth, &origin);
+                let all = |n: HeaderName| h.get_all(n).iter().cloned().collect::<Vec<_>>();
+                prop_assert_eq!(all(ORIGIN), vec![origin.clone()]);
+                prop_assert!(all(HOST).is_empty());
+                if scim {
+                    prop_assert_eq!(all(AUTHORIZATION), vec![bearer.clone()]);
+                    prop_assert!(all(COOKIE).is_empty());
+                } else {
+                    prop_assert_eq!(all(COOKIE), vec![ours.clone()]);
+                    prop_assert!(all(AUTHORIZATION).is_empty());
+                }
+                prop_assert!(!h.keys().any(|k| k.as_str().starts_with("proxy-") || k == TE || k == CONNECTION));
+            }
+        }
+    }
 }

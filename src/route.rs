@@ -248,4 +248,40 @@ mod tests {
             ]
         );
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Paths built from the characters that matter: separators, dots,
+        /// escapes, the allowed set and a few that are not.
+        fn path() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "(/[a-z0-9._~@:%;\\\\-]{0,5}){1,5}/?",
+                "/api/managed-agents/[a-z./%-]{0,14}",
+                "/api/scim/[A-Za-z0-9./%]{0,14}",
+                "\\PC{0,24}",
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn an_accepted_path_is_its_own_normal_form_under_a_served_prefix(p in path()) {
+                let method = Method::GET;
+                if classify(&method, &p).is_ok() {
+                    prop_assert!(p.starts_with(MANAGED) || p.starts_with(SCIM), "{p}");
+                    prop_assert!(
+                        p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~@:/".contains(&b)),
+                        "{p}"
+                    );
+                    prop_assert!(
+                        p.split('/').skip(1).all(|s| !s.is_empty() && s != "." && s != ".."),
+                        "{p}"
+                    );
+                }
+            }
+        }
+    }
 }

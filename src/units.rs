@@ -161,4 +161,25 @@ mod tests {
         assert_eq!(format_duration(Duration::from_secs(5)), "5s");
         assert_eq!(format_duration(Duration::from_millis(250)), "250ms");
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn duration_and_size_parsers_never_panic(text in "\\PC{0,16}|[0-9]{0,22}[a-zA-Z ]{0,4}") {
+                let _ = parse_duration(&text);
+                let _ = parse_size(&text);
+            }
+
+            #[test]
+            fn a_duration_written_as_the_config_writes_it_reads_back(ms in 0u64..1_000_000_000_000) {
+                let d = Duration::from_millis(ms);
+                prop_assert_eq!(parse_duration(&format_duration(d)), Ok(d));
+            }
+        }
+    }
 }

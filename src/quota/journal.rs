@@ -715,4 +715,73 @@ mod tests {
             .unwrap()
             .contains("not a knoq-gateway quota journal"));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn record() -> impl Strategy<Value = Record> {
+            let bucket = prop_oneof![
+                Just(Bucket::Message),
+                Just(Bucket::Session),
+                Just(Bucket::Cancel),
+                Just(Bucket::Read)
+            ];
+            prop_oneof![
+                (
+                    any::<u64>(),
+                    "[a-z0-9_.-]{1,8}",
+                    "[a-z0-9_.()-]{1,8}",
+                    bucket.clone()
+                )
+                    .prop_map(|(at, user, token, bucket)| Record::Admit {
+                        at,
+                        user,
+                        token,
+                        bucket
+                    }),
+                (any::<u64>(), "[a-z0-9_.-]{1,8}", bucket).prop_map(|(until, user, bucket)| {
+                    Record::CoolDown {
+                        until,
+                        user,
+                        bucket,
+                    }
+                }),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn every_record_reads_back_from_its_line(r in record()) {
+                let line = r.line();
+                prop_assert_eq!(Record::parse(line.strip_suffix('\n').unwrap()), Some(r));
+            }
+
+            #[test]
+            fn a_journal_parses_or_names_its_first_damaged_line(
+                good in proptest::collection::vec(record(), 0..5),
+                junk in proptest::collection::vec("[ -~]{0,20}", 0..4),
+            ) {
+                let mut text = format!("{HEADER}\n");
+                for r in &good {
+                    text.push_str(&r.line());
+                }
+                for j in &junk {
+                    text.push_str(j);
+                    text.push('\n');
+                }
+                let path = Path::new("/state/quota.journal");
+                match parse_all(path, &text) {
+                    Ok((_, records)) => prop_assert_eq!(records.len(), good.len() + junk.len()),
+                    Err(e) => {
+                        let first_bad = junk.iter().position(|j| Record::parse(j).is_none()).expect("only junk can be bad");
+                        let line = 1 + good.len() + first_bad + 1;
+                        prop_assert!(e.contains(&format!("line {line} ")), "{e}");
+                    }
+                }
+            }
+        }
+    }
 }

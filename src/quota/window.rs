@@ -425,4 +425,33 @@ mod tests {
             Some(month_start(month_index(feb) + 1))
         );
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn window_parsing_never_panics(text in "\\PC{0,16}|[0-9]{0,12}/[0-9a-z]{0,6}") {
+                let _ = Window::parse(&text);
+            }
+
+            #[test]
+            fn a_window_reads_back_from_its_own_text(
+                n in 1u32..10_000_000,
+                unit in prop_oneof![
+                    Just("sec".to_string()), Just("min".to_string()), Just("hour".to_string()),
+                    Just("day".to_string()), Just("month".to_string()),
+                    (1u32..100_000).prop_map(|s| format!("{s}s")),
+                    (1u32..100_000).prop_map(|s| format!("{s}ms")),
+                ],
+            ) {
+                let w = Window::parse(&format!("{n}/{unit}")).unwrap();
+                let again = Window::parse(&w.to_string()).unwrap();
+                prop_assert_eq!((again.limit, again.period), (w.limit, w.period));
+            }
+        }
+    }
 }
