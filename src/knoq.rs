@@ -180,7 +180,11 @@ impl Knoq {
                 .boxed_unsync(),
         );
         let started = Instant::now();
-        let outcome = self.upstream.send(req, bound).await;
+        let account = match who {
+            Identity::Account { user, .. } => Some(*user),
+            Identity::Scim(_) => None,
+        };
+        let outcome = self.upstream.send(req, account, bound).await;
         self.record(route, started, &outcome);
         let failed = match &outcome {
             Ok(rsp) => matches!(

@@ -115,3 +115,72 @@ async fn set_cookie2_never_reaches_the_client() {
     assert!(!String::from_utf8_lossy(&r.body).contains("leak"));
     bed.shutdown().await;
 }
+
+/// An HTTP/1.1 upstream that answers each request with an echo of its
+/// `Cookie`, and then, 100 ms later, with the same answer once more,
+/// unasked: whatever is sent next on that connection reads that answer.
+async fn confused_upstream() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                let mut seen = Vec::new();
+                loop {
+                    let end = loop {
+                        if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break end;
+                        }
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&seen[..end]).to_string();
+                    seen.drain(..end + 4);
+                    let cookie = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("cookie: "))
+                        .unwrap_or("-")
+                        .to_string();
+                    let body = format!(r#"{{"cookie":"{cookie}"}}"#);
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if s.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if s.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn an_unsolicited_answer_on_a_reused_connection_never_reaches_another_account() {
+    let bed = BedBuilder {
+        upstream_url: Some(confused_upstream().await),
+        trust_sim: false,
+        tail_toml: "[retry]\nattempts = 1\n".into(),
+        ..TestBed::builder()
+    }
+    .start()
+    .await;
+    for _ in 0..5 {
+        let a = bed.get(SESSIONS, "alice-svc").await;
+        assert_eq!(a.status, 200);
+        // At once, while alice's connection has an extra answer coming.
+        let b = bed.get(SESSIONS, "bob-svc").await;
+        let text = String::from_utf8_lossy(&b.body).to_string();
+        assert!(!text.contains("alice"), "bob got alice's answer: {text}");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    bed.shutdown().await;
+}

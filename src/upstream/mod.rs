@@ -18,8 +18,10 @@ pub mod retry;
 use std::error::Error as StdError;
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use dashmap::DashMap;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
@@ -92,7 +94,23 @@ pub enum ResponseBound {
 
 /// The client towards Knoq. Cheap to share: clone the `Arc` around it.
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, BoxBody>,
+    /// The pool every account shares while connections are HTTP/2 (one
+    /// multiplexed connection, where answers cannot cross streams).
+    client: HttpClient,
+    /// Over HTTP/1.1 an answer is matched to a request only by its order on
+    /// the connection, so a confused Knoq (an extra, unsolicited answer)
+    /// could hand one account another's: then each account gets its own
+    /// pool, and a connection is only ever reused by the account it was
+    /// opened for.
+    per_account: DashMap<Box<str>, HttpClient>,
+    /// Set once HTTP/1.1 is in use: from the start when HTTP/2 cannot be
+    /// negotiated (`http2 = false`, or plain `http://`), else at the first
+    /// HTTP/1.1 answer.
+    partitioned: AtomicBool,
+    /// Makes a client with the shared settings, for a new account's pool.
+    connector: HttpsConnector<HttpConnector>,
+    pool_idle_timeout: Duration,
+    pool_max_idle: usize,
     scheme: Scheme,
     authority: Authority,
     timeout: Duration,
@@ -115,14 +133,19 @@ impl Upstream {
         } else {
             builder.wrap_connector(http)
         };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .pool_max_idle_per_host(config.pool_max_idle)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(https);
+        let client = http_client(
+            https.clone(),
+            config.pool_idle_timeout,
+            config.pool_max_idle,
+        );
+        let plain = config.url.scheme() == Some(&Scheme::HTTP);
         Upstream {
             client,
+            per_account: DashMap::new(),
+            partitioned: AtomicBool::new(!config.http2 || plain),
+            connector: https,
+            pool_idle_timeout: config.pool_idle_timeout,
+            pool_max_idle: config.pool_max_idle,
             scheme: config
                 .url
                 .scheme()
@@ -150,21 +173,50 @@ impl Upstream {
         Uri::from_parts(parts).expect("scheme, authority and path make a valid URI")
     }
 
-    /// Sends one request and returns Knoq's response, its body bounded as
-    /// `bound` says.
+    /// The pool a request of `account` uses (see `per_account`).
+    fn pool(&self, account: Option<&str>) -> HttpClient {
+        match account {
+            Some(user) if self.partitioned.load(Ordering::Acquire) => {
+                if let Some(c) = self.per_account.get(user) {
+                    return c.clone();
+                }
+                self.per_account
+                    .entry(user.into())
+                    .or_insert_with(|| {
+                        http_client(
+                            self.connector.clone(),
+                            self.pool_idle_timeout,
+                            self.pool_max_idle,
+                        )
+                    })
+                    .clone()
+            }
+            _ => self.client.clone(),
+        }
+    }
+
+    /// Sends one request as `account` (`None`: no account, e.g. SCIM) and
+    /// returns Knoq's response, its body bounded as `bound` says.
     pub async fn send(
         &self,
         mut req: Request<BoxBody>,
+        account: Option<&str>,
         bound: ResponseBound,
     ) -> Result<Response<BoxBody>, UpstreamError> {
         // The connector picks HTTP/2 or HTTP/1.1 by ALPN; the request must
         // not insist on the version the client happened to speak to us.
         *req.version_mut() = Version::HTTP_11;
         let deadline = Instant::now() + self.timeout;
-        let response = tokio::time::timeout_at(deadline, self.client.request(req))
+        let response = tokio::time::timeout_at(deadline, self.pool(account).request(req))
             .await
             .map_err(|_| UpstreamError::Timeout(self.timeout))?
             .map_err(classify)?;
+        if response.version() < Version::HTTP_2 && !self.partitioned.load(Ordering::Relaxed) {
+            tracing::info!(
+                "Knoq answers over HTTP/1.1: each account gets its own connections from now on"
+            );
+            self.partitioned.store(true, Ordering::Release);
+        }
         check_framing(&response)?;
         Ok(match bound {
             ResponseBound::Exchange => {
@@ -175,6 +227,21 @@ impl Upstream {
             }
         })
     }
+}
+
+type HttpClient = Client<HttpsConnector<HttpConnector>, BoxBody>;
+
+fn http_client(
+    connector: HttpsConnector<HttpConnector>,
+    idle: Duration,
+    max_idle: usize,
+) -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(idle)
+        .pool_max_idle_per_host(max_idle)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector)
 }
 
 /// An answer whose framing a client could read differently from us.
