@@ -27,6 +27,8 @@ pub struct Limits {
 pub enum Full {
     Gateway,
     Account,
+    /// No place to send to Knoq came free within `upstream.queue_timeout`.
+    Upstream,
 }
 
 /// The in-flight counters (long-lived, shared by every configuration).

@@ -56,6 +56,10 @@ pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
 pub const DEFAULT_UPSTREAM_TIMEOUT: &str = "60s";
 pub const DEFAULT_POOL_IDLE_TIMEOUT: &str = "90s";
 pub const DEFAULT_POOL_MAX_IDLE: usize = 64;
+/// What HTTP/2 servers commonly allow on one connection (RFC 9113 asks for
+/// at least 100), so the gateway never queues inside its HTTP client.
+pub const DEFAULT_UPSTREAM_MAX_STREAMS: usize = 100;
+pub const DEFAULT_UPSTREAM_QUEUE_TIMEOUT: &str = "1s";
 pub const DEFAULT_STATE_DIR: &str = "state";
 /// Knoq's published per-user limits.
 pub const DEFAULT_QUOTA_MESSAGE: &[&str] = &["60/min"];
@@ -137,6 +141,8 @@ struct RawUpstream {
     pool_idle_timeout: Option<String>,
     pool_max_idle: Option<usize>,
     http2: Option<bool>,
+    max_streams: Option<usize>,
+    queue_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -995,6 +1001,10 @@ impl RawUpstream {
             HeaderValue::from_static(DEFAULT_ORIGIN)
         });
         let pool_max_idle = self.pool_max_idle.unwrap_or(DEFAULT_POOL_MAX_IDLE);
+        let max_streams = self.max_streams.unwrap_or(DEFAULT_UPSTREAM_MAX_STREAMS);
+        if max_streams == 0 {
+            c.problem("upstream.max_streams", "must be at least 1");
+        }
         UpstreamConfig {
             url,
             origin,
@@ -1016,6 +1026,12 @@ impl RawUpstream {
             ),
             pool_max_idle,
             http2: self.http2.unwrap_or(true),
+            max_streams,
+            queue_timeout: c.duration(
+                "upstream.queue_timeout",
+                self.queue_timeout.as_deref(),
+                DEFAULT_UPSTREAM_QUEUE_TIMEOUT,
+            ),
         }
     }
 }

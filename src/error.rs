@@ -52,7 +52,7 @@ pub enum GatewayError {
     CircuitOpen { retry_after_secs: u64 },
     #[error("the gateway has as many client connections open as it allows")]
     TooManyConnections,
-    #[error("the gateway is handling as many requests as it allows ({})", match .0 { Full::Gateway => "in all", Full::Account => "for this account" })]
+    #[error("the gateway is handling as many requests as it allows ({})", match .0 { Full::Gateway => "in all", Full::Account => "for this account", Full::Upstream => "towards Knoq" })]
     Overloaded(Full),
     #[error("the request may or may not have been applied by Knoq; {checked}")]
     OutcomeUnknown { timed_out: bool, checked: String },
@@ -233,6 +233,9 @@ impl GatewayError {
             }
             GatewayError::Overloaded(Full::Gateway) => {
                 "the gateway is handling as many requests as it allows; nothing was sent to Knoq; retry shortly".into()
+            }
+            GatewayError::Overloaded(Full::Upstream) => {
+                "the gateway has as many requests in flight to Knoq as it allows and none finished in time; nothing was sent to Knoq; retry shortly".into()
             }
             GatewayError::Overloaded(Full::Account) => {
                 "this Knoq account has as many requests in flight as the gateway allows one account; nothing was sent to Knoq; retry shortly".into()

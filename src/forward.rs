@@ -128,32 +128,37 @@ impl Forwarder {
                     ResponseBound::Exchange,
                 )
                 .await;
-            let outcome = match exchanged {
-                Err(error @ GatewayError::CircuitOpen { .. }) if attempt == 1 => {
-                    return Err(Failed { error, attempts: 0 })
-                }
-                Err(GatewayError::CircuitOpen { .. }) => return stop(unknown, last, attempt - 1),
-                Err(GatewayError::Upstream(e)) => Err(e),
-                Err(error) => {
-                    return Err(Failed {
-                        error,
-                        attempts: attempt,
-                    })
-                }
-                Ok(Answer::Final(rsp)) => Ok(rsp),
-                Ok(Answer::StaleCookie(rsp)) => {
-                    // Rotated while in flight: once more with the current
-                    // cookie. It is one more send: it needs quota.
-                    if !resent_stale && out.quotas.charge(out.caller, out.route).await {
-                        resent_stale = true;
-                        resend_now = true;
-                        // What the client gets if the resend cannot go.
-                        last = Some(Ok(rsp));
-                        continue;
+            let outcome =
+                match exchanged {
+                    // Not sent (circuit open, no place towards Knoq): not an
+                    // attempt, and no outcome to doubt.
+                    Err(
+                        error @ (GatewayError::CircuitOpen { .. } | GatewayError::Overloaded(_)),
+                    ) if attempt == 1 => return Err(Failed { error, attempts: 0 }),
+                    Err(GatewayError::CircuitOpen { .. } | GatewayError::Overloaded(_)) => {
+                        return stop(unknown, last, attempt - 1)
                     }
-                    return Ok((rsp, attempt));
-                }
-            };
+                    Err(GatewayError::Upstream(e)) => Err(e),
+                    Err(error) => {
+                        return Err(Failed {
+                            error,
+                            attempts: attempt,
+                        })
+                    }
+                    Ok(Answer::Final(rsp)) => Ok(rsp),
+                    Ok(Answer::StaleCookie(rsp)) => {
+                        // Rotated while in flight: once more with the current
+                        // cookie. It is one more send: it needs quota.
+                        if !resent_stale && out.quotas.charge(out.caller, out.route).await {
+                            resent_stale = true;
+                            resend_now = true;
+                            // What the client gets if the resend cannot go.
+                            last = Some(Ok(rsp));
+                            continue;
+                        }
+                        return Ok((rsp, attempt));
+                    }
+                };
             if attempt == 1 {
                 self.budget.first_attempt();
             } else if retrying {

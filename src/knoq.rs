@@ -5,6 +5,10 @@
 //! poller). So each of these events is handled, and counted, once.
 //!
 //! One exchange, in order:
+//! 0. wait, at most `upstream.queue_timeout`, for one of the
+//!    `upstream.max_streams` places towards Knoq (else 503
+//!    `gateway_overloaded`: nothing was sent, so it is no failure of
+//!    Knoq's and no ambiguous POST);
 //! 1. ask the circuit breaker for a pass (refused at once while it is open);
 //! 2. attach the identity as it is at this moment: the account's cookie
 //!    (`upstream_credential_missing` when there is none) or the SCIM
@@ -37,8 +41,10 @@ use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use crate::admission;
 use crate::body::BoxBody;
 use crate::clock::Clock;
 use crate::credentials::Credentials;
@@ -93,6 +99,10 @@ pub enum ReadFailed {
 /// outlast reloads that leave `[upstream]` and `[circuit]` alone.
 pub struct Knoq {
     upstream: Upstream,
+    /// Places for requests in flight to Knoq (`upstream.max_streams`),
+    /// each held from sending until the answer's head arrives.
+    streams: Arc<Semaphore>,
+    queue_timeout: std::time::Duration,
     circuit: Circuit,
     origin: HeaderValue,
     metrics: Arc<Metrics>,
@@ -104,6 +114,7 @@ pub struct Knoq {
 impl Knoq {
     pub fn new(
         upstream: Upstream,
+        limits: (usize, std::time::Duration),
         origin: HeaderValue,
         circuit: &CircuitConfig,
         metrics: Arc<Metrics>,
@@ -111,6 +122,8 @@ impl Knoq {
     ) -> Self {
         Knoq {
             upstream,
+            streams: Arc::new(Semaphore::new(limits.0)),
+            queue_timeout: limits.1,
             circuit: Circuit::new(circuit.failures, circuit.open_for),
             origin,
             metrics,
@@ -172,6 +185,13 @@ impl Knoq {
                 None
             }
         };
+        // Wait here, not in the HTTP client: a request that gets no place
+        // in time was never sent, so it is no failure of Knoq's (the
+        // circuit never hears of it) and no ambiguous POST.
+        let place = tokio::time::timeout(self.queue_timeout, self.streams.clone().acquire_owned())
+            .await
+            .map_err(|_| GatewayError::Overloaded(admission::Full::Upstream))?
+            .expect("the semaphore is never closed");
         let pass = self.circuit.pass().map_err(circuit_open)?;
         let req = Request::from_parts(
             parts,
@@ -194,6 +214,10 @@ impl Knoq {
             Err(_) => true,
         };
         pass.record(!failed);
+        // Knoq's answers are small JSON that follows its head at once: the
+        // place is given back with the head (holding it for the body would
+        // let a retry wait on the place its own last answer holds).
+        drop(place);
         let mut rsp = outcome?;
         let set_cookies = headers::take_set_cookies(rsp.headers_mut());
         let (Identity::Account { user, credentials }, Some(sent)) = (who, sent) else {

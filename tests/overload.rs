@@ -87,3 +87,50 @@ async fn one_accounts_burst_is_refused_at_once_while_others_are_served_and_the_c
     }
     bed.shutdown().await;
 }
+
+#[tokio::test]
+async fn requests_past_upstream_max_streams_wait_briefly_then_get_503_never_blamed_on_knoq() {
+    let bed = BedBuilder {
+        upstream_toml: "max_streams = 2\nqueue_timeout = \"300ms\"\n".into(),
+        ..TestBed::builder()
+    }
+    .start()
+    .await;
+    let sid = bed.open_session("alice-svc", "overload").await;
+    bed.control
+        .fail_next(SimRoute::Transcript, vec![Fault::Hang; 2]);
+    let a = held(&bed, "alice-svc", 0).await;
+    let b = held(&bed, "bob-svc", 1).await;
+    wait_in_flight(&bed, 2).await;
+    let before = bed.control.requests().len();
+
+    // A read: refused after the queue timeout, nothing sent.
+    let started = std::time::Instant::now();
+    let r = bed.get(SESSIONS, "bob-svc").await;
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["code"], "gateway_overloaded");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(300), "{waited:?}");
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    // A message: the same, and never "outcome unknown", since it was
+    // never sent.
+    let r = bed
+        .post(MESSAGE, "alice-svc", &message(&sid, "queued"))
+        .await;
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["code"], "gateway_overloaded");
+    assert!(
+        r.headers.get("x-knoq-gateway-attempts").is_none(),
+        "no attempt was made"
+    );
+    assert_eq!(bed.control.requests().len(), before, "nothing reached Knoq");
+    assert!(bed
+        .control
+        .user_messages(&sid)
+        .iter()
+        .all(|m| m != "queued"));
+    let metrics = String::from_utf8(bed.scrape().await.body.to_vec()).unwrap();
+    assert!(metrics.lines().any(|l| l == "knoq_gateway_circuit_open 0"));
+    drop((a, b));
+    bed.shutdown().await;
+}

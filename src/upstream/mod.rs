@@ -76,6 +76,13 @@ pub struct UpstreamConfig {
     pub pool_max_idle: usize,
     /// Offer HTTP/2 by ALPN (else HTTP/1.1 only, with a connection pool).
     pub http2: bool,
+    /// Requests sent to Knoq at once; more wait in the gateway, not in the
+    /// HTTP client, where the wait would count against `timeout` and
+    /// against Knoq.
+    pub max_streams: usize,
+    /// How long a request may wait for one of those places; past it, 503
+    /// `gateway_overloaded`, and nothing was sent.
+    pub queue_timeout: Duration,
 }
 
 /// How long a response may take.
