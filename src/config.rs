@@ -43,6 +43,8 @@ pub const DEFAULT_MAX_HEADER_BYTES: &str = "16KiB";
 pub const DEFAULT_HEADER_READ_TIMEOUT: &str = "10s";
 pub const DEFAULT_IDLE_TIMEOUT: &str = "75s";
 pub const DEFAULT_SEND_TIMEOUT: &str = "30s";
+/// nginx's `keepalive_requests`.
+pub const DEFAULT_MAX_REQUESTS_PER_CONNECTION: u64 = 1000;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// Envoy's default circuit-breaker `max_requests`.
 pub const DEFAULT_MAX_INFLIGHT: usize = 1024;
@@ -117,6 +119,7 @@ struct RawServer {
     header_read_timeout: Option<String>,
     idle_timeout: Option<String>,
     send_timeout: Option<String>,
+    max_requests_per_connection: Option<u64>,
     max_connections: Option<usize>,
     max_inflight: Option<usize>,
     max_inflight_per_user: Option<usize>,
@@ -264,6 +267,8 @@ pub struct ServerConfig {
     /// socket accepts no byte; HTTP/2: the stream's window stays shut) is
     /// abandoned: its connection closes, its upstream request is dropped.
     pub send_timeout: Duration,
+    /// Requests one connection may carry before it is closed gracefully.
+    pub max_requests_per_connection: u64,
     /// Connections beyond this are refused at once (503, then closed).
     pub max_connections: usize,
     /// Requests in flight at once, in all and per account; past either,
@@ -924,6 +929,13 @@ impl RawServer {
                 self.send_timeout.as_deref(),
                 DEFAULT_SEND_TIMEOUT,
             ),
+            max_requests_per_connection: match self.max_requests_per_connection {
+                Some(0) => {
+                    c.problem("server.max_requests_per_connection", "must be at least 1");
+                    1
+                }
+                n => n.unwrap_or(DEFAULT_MAX_REQUESTS_PER_CONNECTION),
+            },
             max_connections,
             admission: crate::admission::Limits {
                 total: max_inflight,

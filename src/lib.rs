@@ -158,6 +158,7 @@ pub async fn run(
         header_read_timeout: server.header_read_timeout,
         idle_timeout: server.idle_timeout,
         send_timeout: server.send_timeout,
+        max_requests_per_connection: server.max_requests_per_connection,
         max_connections: server.max_connections,
         max_header_bytes: server.max_header_bytes,
         shutdown_grace: server.shutdown_grace,

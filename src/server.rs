@@ -13,6 +13,10 @@
 //!   has not started a request yet, the idle watcher below;
 //! - idle timeout: a connection with no request in flight for that long is
 //!   closed gracefully (GOAWAY for HTTP/2);
+//! - `max_requests_per_connection` (nginx's `keepalive_requests`): a
+//!   connection that carried that many requests is closed gracefully,
+//!   which also bounds what a client pipelining without reading can make
+//!   the gateway send to Knoq before the send timeout stops it;
 //! - send timeout: a response the client takes nothing of for
 //!   `send_timeout` (an HTTP/1.1 socket that accepts no byte, an HTTP/2
 //!   stream whose window stays shut) closes its connection, which drops
@@ -62,6 +66,8 @@ pub struct ServeOptions {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub send_timeout: Duration,
+    /// Requests one connection may carry; then it is closed gracefully.
+    pub max_requests_per_connection: u64,
     pub max_connections: usize,
     pub max_header_bytes: usize,
     pub shutdown_grace: Duration,
@@ -237,7 +243,7 @@ async fn drive<I, H>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Handler,
 {
-    let activity = Arc::new(Activity::new());
+    let activity = Arc::new(Activity::new(opts.max_requests_per_connection));
     let svc_activity = activity.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         let handler = handler.clone();
@@ -270,6 +276,11 @@ async fn drive<I, H>(
                 (closing, closing_since) = (true, Instant::now());
                 conn.as_mut().graceful_shutdown();
             }
+            () = activity.limit_reached.notified(), if !closing => {
+                tracing::debug!("closing a connection that carried max_requests_per_connection requests");
+                (closing, closing_since) = (true, Instant::now());
+                conn.as_mut().graceful_shutdown();
+            }
             () = activity.stalled(opts.send_timeout) => {
                 tracing::info!(
                     send_timeout = ?opts.send_timeout,
@@ -298,6 +309,11 @@ async fn drive<I, H>(
 struct Activity {
     born: Instant,
     in_flight: AtomicUsize,
+    /// Requests begun, and how many the connection may carry: when the
+    /// count reaches the limit, `limit_reached` wakes the watcher (once).
+    requests: AtomicU64,
+    max_requests: u64,
+    limit_reached: tokio::sync::Notify,
     /// One clock per response being sent: milliseconds after `born` (plus
     /// one, so 0 means "not waiting") since the response has waited on the
     /// client to take what it was handed.
@@ -327,10 +343,13 @@ impl Drop for InFlight {
 }
 
 impl Activity {
-    fn new() -> Self {
+    fn new(max_requests: u64) -> Self {
         Activity {
             born: Instant::now(),
             in_flight: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+            max_requests,
+            limit_reached: tokio::sync::Notify::new(),
             waiting: std::sync::Mutex::new(Vec::new()),
             idle_since_ms: AtomicU64::new(0),
             served_any: AtomicBool::new(false),
@@ -339,6 +358,10 @@ impl Activity {
 
     fn begin(self: &Arc<Self>) -> InFlight {
         self.served_any.store(true, Ordering::Release);
+        if self.requests.fetch_add(1, Ordering::Relaxed) + 1 == self.max_requests {
+            // A permit is stored if the watcher is not waiting right now.
+            self.limit_reached.notify_one();
+        }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(self.clone())
     }

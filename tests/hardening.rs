@@ -532,3 +532,27 @@ async fn a_clients_path_and_upgrade_headers_never_reach_knoq() {
     }
     bed.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_connection_carries_at_most_max_requests_per_connection_even_pipelined() {
+    let bed = BedBuilder {
+        server_toml: "max_requests_per_connection = 3\n".into(),
+        ..TestBed::builder()
+    }
+    .start()
+    .await;
+    let one = format!(
+        "GET {SESSIONS} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {}\r\n\r\n",
+        bed.token("alice-svc")
+    );
+    // Ten requests pipelined in one write, never waiting for an answer.
+    let out = raw(bed.addr, one.repeat(10).as_bytes(), Duration::from_secs(10)).await;
+    let answers = out.matches("HTTP/1.1 200").count();
+    assert_eq!(answers, 3, "{out}");
+    assert!(
+        out.to_ascii_lowercase().contains("connection: close"),
+        "{out}"
+    );
+    assert_eq!(bed.control.requests().len(), 3, "no more reached Knoq");
+    bed.shutdown().await;
+}
