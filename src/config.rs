@@ -42,6 +42,7 @@ pub const DEFAULT_MAX_BODY: &str = "1MiB";
 pub const DEFAULT_MAX_HEADER_BYTES: &str = "16KiB";
 pub const DEFAULT_HEADER_READ_TIMEOUT: &str = "10s";
 pub const DEFAULT_IDLE_TIMEOUT: &str = "75s";
+pub const DEFAULT_FIRST_BYTE_TIMEOUT: &str = "5s";
 pub const DEFAULT_SEND_TIMEOUT: &str = "30s";
 /// nginx's `keepalive_requests`.
 pub const DEFAULT_MAX_REQUESTS_PER_CONNECTION: u64 = 1000;
@@ -117,6 +118,7 @@ struct RawServer {
     max_body: Option<String>,
     max_header_bytes: Option<String>,
     header_read_timeout: Option<String>,
+    first_byte_timeout: Option<String>,
     idle_timeout: Option<String>,
     send_timeout: Option<String>,
     max_requests_per_connection: Option<u64>,
@@ -261,6 +263,9 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// A client must send a whole request head within this time.
     pub header_read_timeout: Duration,
+    /// A connection that sends nothing for this long after it opens is
+    /// closed (at most `header_read_timeout`).
+    pub first_byte_timeout: Duration,
     /// A connection with no request in flight for this long is closed.
     pub idle_timeout: Duration,
     /// A response the client takes nothing of for this long (HTTP/1.1: the
@@ -918,6 +923,11 @@ impl RawServer {
                 "server.header_read_timeout",
                 self.header_read_timeout.as_deref(),
                 DEFAULT_HEADER_READ_TIMEOUT,
+            ),
+            first_byte_timeout: c.positive_duration(
+                "server.first_byte_timeout",
+                self.first_byte_timeout.as_deref(),
+                DEFAULT_FIRST_BYTE_TIMEOUT,
             ),
             idle_timeout: c.positive_duration(
                 "server.idle_timeout",

@@ -156,6 +156,7 @@ pub async fn run(
     let proxy_opts = ServeOptions {
         tls: prepared.tls.clone(),
         header_read_timeout: server.header_read_timeout,
+        first_byte_timeout: server.first_byte_timeout,
         idle_timeout: server.idle_timeout,
         send_timeout: server.send_timeout,
         max_requests_per_connection: server.max_requests_per_connection,

@@ -9,8 +9,10 @@
 //! - `max_connections`: a semaphore permit per connection; a connection
 //!   beyond it is answered at once with 503 `too_many_connections` and
 //!   closed (a TLS one is closed), never left waiting in the accept queue;
+//! - first byte timeout: a connection that sends nothing at all is closed
+//!   after `first_byte_timeout` (the idle watcher below);
 //! - header read timeout: hyper's HTTP/1 timer, and for a connection that
-//!   has not started a request yet, the idle watcher below;
+//!   has sent something but not started a request yet, the idle watcher;
 //! - idle timeout: a connection with no request in flight for that long is
 //!   closed gracefully (GOAWAY for HTTP/2);
 //! - `max_requests_per_connection` (nginx's `keepalive_requests`): a
@@ -64,6 +66,8 @@ pub trait Handler: Send + Sync + 'static {
 pub struct ServeOptions {
     pub tls: Option<TlsAcceptor>,
     pub header_read_timeout: Duration,
+    /// A connection must send its first byte within this.
+    pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
     pub send_timeout: Duration,
     /// Requests one connection may carry; then it is closed gracefully.
@@ -255,6 +259,10 @@ async fn drive<I, H>(
             Ok::<_, Infallible>(rsp.map(|b| Watched::new(b, in_flight).boxed_unsync()))
         }
     });
+    let io = FirstByte {
+        inner: io,
+        activity: activity.clone(),
+    };
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let mut closing = false;
@@ -271,7 +279,7 @@ async fn drive<I, H>(
                 (closing, closing_since) = (true, Instant::now());
                 conn.as_mut().graceful_shutdown();
             }
-            () = activity.idle(opts.header_read_timeout, opts.idle_timeout, None), if !closing => {
+            () = activity.idle(opts.first_byte_timeout, opts.header_read_timeout, opts.idle_timeout, None), if !closing => {
                 tracing::trace!("closing idle connection");
                 (closing, closing_since) = (true, Instant::now());
                 conn.as_mut().graceful_shutdown();
@@ -291,7 +299,7 @@ async fn drive<I, H>(
             // A graceful close waits for the peer (an HTTP/2 GOAWAY wants a
             // ping answer); a peer that never answers must not keep the
             // connection, or its slot, forever.
-            () = activity.idle(opts.header_read_timeout, opts.header_read_timeout, Some(closing_since)), if closing => {
+            () = activity.idle(opts.header_read_timeout, opts.header_read_timeout, opts.header_read_timeout, Some(closing_since)), if closing => {
                 tracing::trace!("dropping a connection that did not close in time");
                 break;
             }
@@ -321,6 +329,8 @@ struct Activity {
     /// Milliseconds after `born` when the connection last became idle.
     idle_since_ms: AtomicU64,
     served_any: AtomicBool,
+    /// The client has sent at least one byte.
+    got_byte: AtomicBool,
 }
 
 /// Marks one request in flight until dropped.
@@ -353,6 +363,7 @@ impl Activity {
             waiting: std::sync::Mutex::new(Vec::new()),
             idle_since_ms: AtomicU64::new(0),
             served_any: AtomicBool::new(false),
+            got_byte: AtomicBool::new(false),
         }
     }
 
@@ -412,6 +423,7 @@ impl Activity {
     /// connection still closes on time.
     async fn idle(
         &self,
+        first_byte_timeout: Duration,
         first_request_timeout: Duration,
         idle_timeout: Duration,
         not_before: Option<Instant>,
@@ -426,8 +438,10 @@ impl Activity {
                 let idle_from = (self.born + since).max(not_before.unwrap_or(self.born));
                 let limit = if served {
                     idle_timeout
-                } else {
+                } else if self.got_byte.load(Ordering::Acquire) {
                     first_request_timeout
+                } else {
+                    first_byte_timeout.min(first_request_timeout)
                 };
                 if now >= idle_from + limit {
                     return;
@@ -440,6 +454,68 @@ impl Activity {
             };
             tokio::time::sleep_until(deadline).await;
         }
+    }
+}
+
+// === impl FirstByte ===
+
+/// The connection's stream, noting the client's first byte for the
+/// watcher (a connection that sends nothing gets `first_byte_timeout`, one
+/// that has started its head `header_read_timeout`). One relaxed load per
+/// read once the byte has come.
+struct FirstByte<I> {
+    inner: I,
+    activity: Arc<Activity>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for FirstByte<I> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before && !self.activity.got_byte.load(Ordering::Relaxed) {
+            self.activity.got_byte.store(true, Ordering::Release);
+        }
+        polled
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for FirstByte<I> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

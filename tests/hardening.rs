@@ -556,3 +556,38 @@ async fn a_connection_carries_at_most_max_requests_per_connection_even_pipelined
     assert_eq!(bed.control.requests().len(), 3, "no more reached Knoq");
     bed.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_silent_connection_gets_the_short_first_byte_timeout_and_a_started_head_the_header_timeout(
+) {
+    let bed = BedBuilder {
+        server_toml: "first_byte_timeout = \"300ms\"\nheader_read_timeout = \"3s\"\n".into(),
+        ..TestBed::builder()
+    }
+    .start()
+    .await;
+    // Nothing sent: closed after the first-byte timeout, long before the
+    // header timeout.
+    let started = std::time::Instant::now();
+    let out = raw(bed.addr, b"", Duration::from_secs(5)).await;
+    assert!(out.is_empty(), "{out}");
+    let silent = started.elapsed();
+    assert!(
+        silent < Duration::from_secs(2),
+        "a silent connection was held {silent:?}"
+    );
+    // A head begun: the header timeout applies, not the first-byte one.
+    let started = std::time::Instant::now();
+    let _ = raw(
+        bed.addr,
+        b"GET /api/managed-agents/sessions HTTP/1.1\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    let begun = started.elapsed();
+    assert!(
+        begun >= Duration::from_secs(2),
+        "a begun head was cut after {begun:?}"
+    );
+    bed.shutdown().await;
+}
