@@ -188,10 +188,16 @@ impl Knoq {
         // Wait here, not in the HTTP client: a request that gets no place
         // in time was never sent, so it is no failure of Knoq's (the
         // circuit never hears of it) and no ambiguous POST.
-        let place = tokio::time::timeout(self.queue_timeout, self.streams.clone().acquire_owned())
-            .await
-            .map_err(|_| GatewayError::Overloaded(admission::Full::Upstream))?
-            .expect("the semaphore is never closed");
+        let place = match self.streams.clone().try_acquire_owned() {
+            Ok(place) => place,
+            // Only a request that must wait arms a timer.
+            Err(_) => {
+                tokio::time::timeout(self.queue_timeout, self.streams.clone().acquire_owned())
+                    .await
+                    .map_err(|_| GatewayError::Overloaded(admission::Full::Upstream))?
+                    .expect("the semaphore is never closed")
+            }
+        };
         let pass = self.circuit.pass().map_err(circuit_open)?;
         let req = Request::from_parts(
             parts,

@@ -180,26 +180,21 @@ impl Upstream {
         Uri::from_parts(parts).expect("scheme, authority and path make a valid URI")
     }
 
-    /// The pool a request of `account` uses (see `per_account`).
-    fn pool(&self, account: Option<&str>) -> HttpClient {
-        match account {
-            Some(user) if self.partitioned.load(Ordering::Acquire) => {
-                if let Some(c) = self.per_account.get(user) {
-                    return c.clone();
-                }
-                self.per_account
-                    .entry(user.into())
-                    .or_insert_with(|| {
-                        http_client(
-                            self.connector.clone(),
-                            self.pool_idle_timeout,
-                            self.pool_max_idle,
-                        )
-                    })
-                    .clone()
-            }
-            _ => self.client.clone(),
+    /// The pool of `account` once connections are partitioned (see
+    /// `per_account`); `None` while every account shares `client`.
+    fn own_pool(&self, account: Option<&str>) -> Option<HttpClient> {
+        let user = account.filter(|_| self.partitioned.load(Ordering::Acquire))?;
+        if let Some(c) = self.per_account.get(user) {
+            return Some(c.clone());
         }
+        let pool = self.per_account.entry(user.into()).or_insert_with(|| {
+            http_client(
+                self.connector.clone(),
+                self.pool_idle_timeout,
+                self.pool_max_idle,
+            )
+        });
+        Some(pool.clone())
     }
 
     /// Sends one request as `account` (`None`: no account, e.g. SCIM) and
@@ -214,7 +209,10 @@ impl Upstream {
         // not insist on the version the client happened to speak to us.
         *req.version_mut() = Version::HTTP_11;
         let deadline = Instant::now() + self.timeout;
-        let response = tokio::time::timeout_at(deadline, self.pool(account).request(req))
+        // The shared client is used by reference: no clone on the hot path.
+        let own = self.own_pool(account);
+        let client = own.as_ref().unwrap_or(&self.client);
+        let response = tokio::time::timeout_at(deadline, client.request(req))
             .await
             .map_err(|_| UpstreamError::Timeout(self.timeout))?
             .map_err(classify)?;
