@@ -120,20 +120,25 @@ async fn shut_window_client(
     (driver, (h2, bodies))
 }
 
+/// Sends `paths` on a shut-window connection and sees the gateway close it.
+async fn shut_window_connection_is_closed(bed: &TestBed, paths: &[String]) {
+    let (driver, _held) = shut_window_client(bed, paths).await;
+    eventually(
+        "the connection with shut windows is closed by the gateway",
+        Duration::from_secs(15),
+        || async { metric(bed, "knoq_gateway_open_connections").await == Some(0.0) },
+    )
+    .await;
+    let ended = tokio::time::timeout(Duration::from_secs(5), driver).await;
+    assert!(ended.is_ok(), "the client saw its connection end");
+}
+
 #[tokio::test]
 async fn an_http2_client_with_a_shut_window_is_closed_after_the_send_timeout() {
     let bed = bed_with_send_timeout().await;
     let sid = big_session(&bed).await;
     let paths = vec![format!("/api/managed-agents/transcript?sessionId={sid}"); 3];
-    let (driver, _held) = shut_window_client(&bed, &paths).await;
-    eventually(
-        "the connection with shut windows is closed by the gateway",
-        Duration::from_secs(15),
-        || async { metric(&bed, "knoq_gateway_open_connections").await == Some(0.0) },
-    )
-    .await;
-    let ended = tokio::time::timeout(Duration::from_secs(5), driver).await;
-    assert!(ended.is_ok(), "the client saw its connection end");
+    shut_window_connection_is_closed(&bed, &paths).await;
     bed.shutdown().await;
 }
 
@@ -142,15 +147,6 @@ async fn small_answers_behind_a_shut_window_are_abandoned_too() {
     // Twenty small answers, each far below any buffer: the window is what
     // holds them, so the send timeout applies as to a large one.
     let bed = bed_with_send_timeout().await;
-    let paths = vec![SESSIONS.to_string(); 20];
-    let (driver, _held) = shut_window_client(&bed, &paths).await;
-    eventually(
-        "the connection with shut windows is closed by the gateway",
-        Duration::from_secs(15),
-        || async { metric(&bed, "knoq_gateway_open_connections").await == Some(0.0) },
-    )
-    .await;
-    let ended = tokio::time::timeout(Duration::from_secs(5), driver).await;
-    assert!(ended.is_ok(), "the client saw its connection end");
+    shut_window_connection_is_closed(&bed, &vec![SESSIONS.to_string(); 20]).await;
     bed.shutdown().await;
 }

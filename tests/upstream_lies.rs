@@ -11,27 +11,40 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-/// Starts an upstream that answers every request on every connection with
-/// `reply`, and returns its base URL.
-async fn lying_upstream(reply: &'static str) -> String {
+/// Starts an HTTP/1.1 upstream that answers each request head on each
+/// connection with what `answer` makes of it: a reply, and optionally the
+/// same reply once more after a pause, unasked. Returns its base URL.
+async fn scripted_upstream(
+    answer: impl Fn(&str) -> (String, Option<Duration>) + Send + Sync + 'static,
+) -> String {
+    let answer = std::sync::Arc::new(answer);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
+            let answer = answer.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 16 * 1024];
                 let mut seen = Vec::new();
                 loop {
-                    let Ok(n) = s.read(&mut buf).await else {
-                        return;
+                    // These requests have no body: one reply per head.
+                    let end = loop {
+                        if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break end;
+                        }
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
                     };
-                    if n == 0 {
+                    let head = String::from_utf8_lossy(&seen[..end]).to_string();
+                    seen.drain(..end + 4);
+                    let (reply, again) = answer(&head);
+                    if s.write_all(reply.as_bytes()).await.is_err() {
                         return;
                     }
-                    seen.extend_from_slice(&buf[..n]);
-                    // One reply per request head (these requests have no body).
-                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                        seen.drain(..end + 4);
+                    if let Some(pause) = again {
+                        tokio::time::sleep(pause).await;
                         if s.write_all(reply.as_bytes()).await.is_err() {
                             return;
                         }
@@ -41,6 +54,11 @@ async fn lying_upstream(reply: &'static str) -> String {
         }
     });
     format!("http://{addr}")
+}
+
+/// An upstream that answers every request with one canned reply.
+async fn lying_upstream(reply: &'static str) -> String {
+    scripted_upstream(move |_| (reply.to_string(), None)).await
 }
 
 async fn bed_before(reply: &'static str) -> TestBed {
@@ -120,47 +138,19 @@ async fn set_cookie2_never_reaches_the_client() {
 /// `Cookie`, and then, 100 ms later, with the same answer once more,
 /// unasked: whatever is sent next on that connection reads that answer.
 async fn confused_upstream() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 16 * 1024];
-                let mut seen = Vec::new();
-                loop {
-                    let end = loop {
-                        if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break end;
-                        }
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => seen.extend_from_slice(&buf[..n]),
-                        }
-                    };
-                    let head = String::from_utf8_lossy(&seen[..end]).to_string();
-                    seen.drain(..end + 4);
-                    let cookie = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("cookie: "))
-                        .unwrap_or("-")
-                        .to_string();
-                    let body = format!(r#"{{"cookie":"{cookie}"}}"#);
-                    let reply = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                        body.len()
-                    );
-                    if s.write_all(reply.as_bytes()).await.is_err() {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    if s.write_all(reply.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    format!("http://{addr}")
+    scripted_upstream(|head| {
+        let cookie = head
+            .lines()
+            .find_map(|l| l.strip_prefix("cookie: "))
+            .unwrap_or("-");
+        let body = format!(r#"{{"cookie":"{cookie}"}}"#);
+        let reply = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        (reply, Some(Duration::from_millis(100)))
+    })
+    .await
 }
 
 #[tokio::test]
