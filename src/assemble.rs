@@ -208,7 +208,10 @@ fn open_store(
 fn forwarder(config: &Config, tls: rustls::ClientConfig, services: &Services) -> Arc<Forwarder> {
     let knoq = Knoq::new(
         Upstream::new(&config.upstream, tls),
-        (config.upstream.max_streams, config.upstream.queue_timeout),
+        (
+            config.upstream.max_streams * config.upstream.max_connections,
+            config.upstream.queue_timeout,
+        ),
         config.upstream.origin.clone(),
         &config.circuit,
         services.metrics.clone(),

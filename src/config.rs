@@ -63,6 +63,7 @@ pub const DEFAULT_POOL_MAX_IDLE: usize = 64;
 /// at least 100), so the gateway never queues inside its HTTP client.
 pub const DEFAULT_UPSTREAM_MAX_STREAMS: usize = 100;
 pub const DEFAULT_UPSTREAM_QUEUE_TIMEOUT: &str = "1s";
+pub const DEFAULT_UPSTREAM_MAX_CONNECTIONS: usize = 4;
 pub const DEFAULT_STATE_DIR: &str = "state";
 /// Knoq's published per-user limits.
 pub const DEFAULT_QUOTA_MESSAGE: &[&str] = &["60/min"];
@@ -147,6 +148,7 @@ struct RawUpstream {
     pool_max_idle: Option<usize>,
     http2: Option<bool>,
     max_streams: Option<usize>,
+    max_connections: Option<usize>,
     queue_timeout: Option<String>,
 }
 
@@ -1027,6 +1029,12 @@ impl RawUpstream {
         if max_streams == 0 {
             c.problem("upstream.max_streams", "must be at least 1");
         }
+        let max_connections = self
+            .max_connections
+            .unwrap_or(DEFAULT_UPSTREAM_MAX_CONNECTIONS);
+        if !(1..=64).contains(&max_connections) {
+            c.problem("upstream.max_connections", "must be between 1 and 64");
+        }
         UpstreamConfig {
             url,
             origin,
@@ -1049,6 +1057,7 @@ impl RawUpstream {
             pool_max_idle,
             http2: self.http2.unwrap_or(true),
             max_streams,
+            max_connections: max_connections.clamp(1, 64),
             queue_timeout: c.duration(
                 "upstream.queue_timeout",
                 self.queue_timeout.as_deref(),

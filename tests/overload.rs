@@ -91,7 +91,7 @@ async fn one_accounts_burst_is_refused_at_once_while_others_are_served_and_the_c
 #[tokio::test]
 async fn requests_past_upstream_max_streams_wait_briefly_then_get_503_never_blamed_on_knoq() {
     let bed = BedBuilder {
-        upstream_toml: "max_streams = 2\nqueue_timeout = \"300ms\"\n".into(),
+        upstream_toml: "max_streams = 2\nmax_connections = 1\nqueue_timeout = \"300ms\"\n".into(),
         ..TestBed::builder()
     }
     .start()
@@ -132,5 +132,69 @@ async fn requests_past_upstream_max_streams_wait_briefly_then_get_503_never_blam
     let metrics = String::from_utf8(bed.scrape().await.body.to_vec()).unwrap();
     assert!(metrics.lines().any(|l| l == "knoq_gateway_circuit_open 0"));
     drop((a, b));
+    bed.shutdown().await;
+}
+
+/// A TCP relay in front of Knoq that counts the connections made through
+/// it: how many upstream connections the gateway opened.
+/// Its target is set once the bed (and its simulator) has started.
+async fn counting_relay(
+    to: std::sync::Arc<std::sync::OnceLock<String>>,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let opened = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = opened.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let to = to.get().cloned();
+            tokio::spawn(async move {
+                let Some(to) = to else { return };
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            });
+        }
+    });
+    (format!("https://{addr}"), opened)
+}
+
+#[tokio::test]
+async fn a_full_upstream_connection_makes_the_gateway_open_another_up_to_its_bound() {
+    let target = std::sync::Arc::new(std::sync::OnceLock::new());
+    let (relay, opened) = counting_relay(target.clone()).await;
+    let bed = BedBuilder {
+        upstream_url: Some(relay),
+        upstream_toml: "max_streams = 2\nmax_connections = 3\nqueue_timeout = \"300ms\"\n".into(),
+        ..TestBed::builder()
+    }
+    .start()
+    .await;
+    // The gateway connects on its first request: point the relay at the
+    // bed's simulator now.
+    let sim = bed.sim.as_ref().unwrap().base_url();
+    let sim = sim
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .to_string();
+    target.set(sim).unwrap();
+    bed.control
+        .fail_next(SimRoute::Transcript, vec![Fault::Hang; 6]);
+    let opened_now = || opened.load(std::sync::atomic::Ordering::SeqCst);
+    let mut holding = Vec::new();
+    for (n, expect) in [(1, 1), (2, 1), (3, 2), (4, 2), (5, 3), (6, 3)] {
+        holding.push(held(&bed, "alice-svc", n).await);
+        wait_in_flight(&bed, n).await;
+        assert_eq!(opened_now(), expect, "after {n} held requests");
+    }
+    // Six places in all (2 streams x 3 connections): the next one waits,
+    // then is refused, and no fourth connection opens.
+    let r = bed.get(SESSIONS, "bob-svc").await;
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["code"], "gateway_overloaded");
+    assert_eq!(opened_now(), 3);
+    drop(holding);
     bed.shutdown().await;
 }

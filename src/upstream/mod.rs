@@ -18,7 +18,8 @@ pub mod retry;
 use std::error::Error as StdError;
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -76,10 +77,14 @@ pub struct UpstreamConfig {
     pub pool_max_idle: usize,
     /// Offer HTTP/2 by ALPN (else HTTP/1.1 only, with a connection pool).
     pub http2: bool,
-    /// Requests sent to Knoq at once; more wait in the gateway, not in the
-    /// HTTP client, where the wait would count against `timeout` and
-    /// against Knoq.
+    /// Requests sent at once on one HTTP/2 connection to Knoq (RFC 9113
+    /// asks servers to allow at least 100)...
     pub max_streams: usize,
+    /// ...and connections opened for more, one after the other as each
+    /// fills. Beyond `max_streams` × `max_connections` requests wait in the
+    /// gateway, not in the HTTP client, where the wait would count against
+    /// `timeout` and against Knoq.
+    pub max_connections: usize,
     /// How long a request may wait for one of those places; past it, 503
     /// `gateway_overloaded`, and nothing was sent.
     pub queue_timeout: Duration,
@@ -101,9 +106,14 @@ pub enum ResponseBound {
 
 /// The client towards Knoq. Cheap to share: clone the `Arc` around it.
 pub struct Upstream {
-    /// The pool every account shares while connections are HTTP/2 (one
-    /// multiplexed connection, where answers cannot cross streams).
-    client: HttpClient,
+    /// The HTTP/2 connections every account shares (answers cannot cross
+    /// streams there): each client holds one multiplexed connection, opened
+    /// on first use. A request goes to the first one with fewer than
+    /// `max_streams` in flight, so another connection opens only when the
+    /// ones before it are full, up to `max_connections` (Envoy opens more
+    /// upstream connections the same way instead of queueing).
+    shared: Vec<Shard>,
+    max_streams: usize,
     /// Over HTTP/1.1 an answer is matched to a request only by its order on
     /// the connection, so a confused Knoq (an extra, unsolicited answer)
     /// could hand one account another's: then each account gets its own
@@ -140,14 +150,18 @@ impl Upstream {
         } else {
             builder.wrap_connector(http)
         };
-        let client = http_client(
-            https.clone(),
-            config.pool_idle_timeout,
-            config.pool_max_idle,
-        );
+        let shard = || Shard {
+            client: http_client(
+                https.clone(),
+                config.pool_idle_timeout,
+                config.pool_max_idle,
+            ),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+        };
         let plain = config.url.scheme() == Some(&Scheme::HTTP);
         Upstream {
-            client,
+            shared: (0..config.max_connections).map(|_| shard()).collect(),
+            max_streams: config.max_streams,
             per_account: DashMap::new(),
             partitioned: AtomicBool::new(!config.http2 || plain),
             connector: https,
@@ -180,6 +194,20 @@ impl Upstream {
         Uri::from_parts(parts).expect("scheme, authority and path make a valid URI")
     }
 
+    /// The first shared connection with room for one more stream (the last
+    /// one if all are full: the caller's place was granted by the
+    /// gateway-wide count, `max_streams` × `max_connections`), and the
+    /// stream it takes until the answer's head arrives.
+    fn shard(&self) -> (&Shard, StreamTaken) {
+        let shard = self
+            .shared
+            .iter()
+            .find(|s| s.in_flight.load(Ordering::Acquire) < self.max_streams)
+            .unwrap_or_else(|| self.shared.last().expect("at least one connection"));
+        shard.in_flight.fetch_add(1, Ordering::AcqRel);
+        (shard, StreamTaken(shard.in_flight.clone()))
+    }
+
     /// The pool of `account` once connections are partitioned (see
     /// `per_account`); `None` while every account shares `client`.
     fn own_pool(&self, account: Option<&str>) -> Option<HttpClient> {
@@ -209,9 +237,15 @@ impl Upstream {
         // not insist on the version the client happened to speak to us.
         *req.version_mut() = Version::HTTP_11;
         let deadline = Instant::now() + self.timeout;
-        // The shared client is used by reference: no clone on the hot path.
+        // The shared clients are used by reference: no clone on the hot path.
         let own = self.own_pool(account);
-        let client = own.as_ref().unwrap_or(&self.client);
+        let (client, _stream) = match &own {
+            Some(own) => (own, None),
+            None => {
+                let (shard, stream) = self.shard();
+                (&shard.client, Some(stream))
+            }
+        };
         let response = tokio::time::timeout_at(deadline, client.request(req))
             .await
             .map_err(|_| UpstreamError::Timeout(self.timeout))?
@@ -235,6 +269,22 @@ impl Upstream {
 }
 
 type HttpClient = Client<HttpsConnector<HttpConnector>, BoxBody>;
+
+/// One shared upstream connection (a client with its own pool) and the
+/// streams in flight on it.
+struct Shard {
+    client: HttpClient,
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// A stream taken on a shard, given back when dropped.
+struct StreamTaken(Arc<AtomicUsize>);
+
+impl Drop for StreamTaken {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 fn http_client(
     connector: HttpsConnector<HttpConnector>,
