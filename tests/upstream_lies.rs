@@ -174,3 +174,40 @@ async fn an_unsolicited_answer_on_a_reused_connection_never_reaches_another_acco
     }
     bed.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_answer_that_arrives_while_the_connection_is_idle_is_never_taken_for_the_next_one() {
+    static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let upstream = scripted_upstream(|_| {
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        let body = format!(r#"{{"seq":{n}}}"#);
+        let reply = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        (reply, Some(Duration::from_millis(50)))
+    })
+    .await;
+    let bed = BedBuilder {
+        upstream_url: Some(upstream),
+        trust_sim: false,
+        tail_toml: "[retry]\nattempts = 1\n".into(),
+        ..TestBed::builder()
+    }
+    .start()
+    .await;
+    for _ in 0..3 {
+        let before = SEQ.load(std::sync::atomic::Ordering::SeqCst);
+        let r = bed.get(SESSIONS, "alice-svc").await;
+        assert_eq!(r.status, 200);
+        let seq = r.json()["seq"].as_u64().unwrap() as usize;
+        assert_eq!(
+            seq,
+            before + 1,
+            "the answer to this request, not a stale one"
+        );
+        // Let the extra answer arrive while the connection sits idle.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    bed.shutdown().await;
+}
