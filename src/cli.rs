@@ -34,12 +34,12 @@ struct Cli {
 enum Command {
     /// Run the gateway.
     Serve {
-        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        #[arg(long, env = "KNOQ_GATEWAY_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
     /// Validate a config file and every file it names; exit 1 on any problem.
     Check {
-        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        #[arg(long, env = "KNOQ_GATEWAY_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
     /// Knoq session cookies: replace one, or see how each is doing.
@@ -79,7 +79,7 @@ enum CredentialsCommand {
     /// gateway uses it within a second. The cookie is never echoed.
     Set {
         user: String,
-        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        #[arg(long, env = "KNOQ_GATEWAY_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
         /// Read the cookie from this file (mode 0600) instead of stdin.
         #[arg(long)]
@@ -88,7 +88,7 @@ enum CredentialsCommand {
     /// A table of every user's credential: state, last success, last
     /// rotation, source. Never shows a cookie.
     Status {
-        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        #[arg(long, env = "KNOQ_GATEWAY_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
 }

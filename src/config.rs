@@ -442,15 +442,112 @@ impl Config {
 
     /// Parses and validates config text; relative paths resolve against `base`.
     pub fn from_toml_str(text: &str, base: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            ConfigError::from(vec![Problem::new(
-                "config",
-                e.to_string().trim_end().replace('\n', " "),
-            )])
-        })?;
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::from(vec![toml_problem(text, &e)]))?;
         raw.validate(base)
     }
 }
+
+/// A TOML or shape error as one line: the key path (`server.max_bdy`,
+/// `users[1].cookie_file`), what is wrong in our words, the line number, and
+/// for an unknown key the closest valid one.
+fn toml_problem(text: &str, e: &toml::de::Error) -> Problem {
+    let message = e.message().trim();
+    let Some(span) = e.span() else {
+        return Problem::new("config", message.replace('\n', " "));
+    };
+    let start = span.start.min(text.len());
+    let line_no = text[..start].matches('\n').count() + 1;
+    // The table the offending line is in: the last header above it.
+    let mut table = String::new();
+    let mut arrays: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for line in text[..start].lines() {
+        let l = line.trim();
+        if let Some(name) = l.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let name = name.trim().to_string();
+            let n = arrays.entry(name.clone()).or_insert(0);
+            table = format!("{name}[{n}]");
+            *n += 1;
+        } else if let Some(name) = l.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            table = name.trim().to_string();
+        }
+    }
+    // The key: the text under the span, or the key of the span's line.
+    let line = text[start..].lines().next().unwrap_or_default();
+    let under = text.get(span.clone()).unwrap_or_default().trim();
+    let key = if !under.is_empty()
+        && under
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        under.to_string()
+    } else {
+        let full = text[text[..start].rfind('\n').map_or(0, |i| i + 1)..]
+            .lines()
+            .next()
+            .unwrap_or(line);
+        full.split('=')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let path = match (table.is_empty(), key.is_empty() || key.starts_with('[')) {
+        (true, true) => "config".to_string(),
+        (true, false) => key.clone(),
+        (false, true) => table.clone(),
+        (false, false) => format!("{table}.{key}"),
+    };
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        let expected: Vec<&str> = rest
+            .split("expected ")
+            .nth(1)
+            .map(|list| {
+                list.trim_start_matches("one of ")
+                    .split(", ")
+                    .map(|k| k.trim_matches(|c| c == '`' || c == ' '))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let hint = closest(&key, &expected)
+            .map(|k| format!(" (did you mean {k}?)"))
+            .unwrap_or_else(|| format!(" (the keys here: {})", expected.join(", ")));
+        return Problem::new(path, format!("unknown key{hint}, line {line_no}"));
+    }
+    Problem::new(
+        path,
+        format!("{}, line {line_no}", message.replace('\n', " ")),
+    )
+}
+
+/// The candidate closest to `word` by edit distance, if it is close enough
+/// to be a typo of it.
+fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    fn distance(a: &str, b: &str) -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut prev = row[0];
+            row[0] = i + 1;
+            for (j, cb) in b.iter().enumerate() {
+                let cur = row[j + 1];
+                row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+                prev = cur;
+            }
+        }
+        row[b.len()]
+    }
+    candidates
+        .iter()
+        .map(|c| (distance(word, c), *c))
+        .filter(|(d, c)| *d <= (c.len().max(word.len()) / 3).max(1))
+        .min()
+        .map(|(_, c)| c)
+}
+
+/// The longest duration any key takes: a longer one is a typo, and would
+/// overflow the runtime's timers.
+const MAX_DURATION: Duration = Duration::from_secs(86_400);
 
 /// Collects problems while validating; each parser helper records its own.
 struct Checker<'a> {
@@ -465,10 +562,18 @@ impl Checker<'_> {
 
     fn duration(&mut self, key: &str, value: Option<&str>, default: &str) -> Duration {
         let text = value.unwrap_or(default);
-        parse_duration(text).unwrap_or_else(|e| {
-            self.problem(key, e);
-            parse_duration(default).expect("defaults are valid durations")
-        })
+        let fallback = || parse_duration(default).expect("defaults are valid durations");
+        match parse_duration(text) {
+            Ok(d) if d <= MAX_DURATION => d,
+            Ok(_) => {
+                self.problem(key, format!("\"{text}\" is too long: at most \"1d\""));
+                fallback()
+            }
+            Err(e) => {
+                self.problem(key, e);
+                fallback()
+            }
+        }
     }
 
     fn positive_duration(&mut self, key: &str, value: Option<&str>, default: &str) -> Duration {
@@ -1075,6 +1180,59 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::from_toml_str(text, Path::new("/etc/kgw"))
+    }
+
+    /// The one problem of `text`, as `check` prints it.
+    fn only_problem(text: &str) -> String {
+        let err = parse(text).expect_err("the config has a problem");
+        assert_eq!(err.problems.len(), 1, "{err}");
+        err.problems[0].to_string()
+    }
+
+    fn user_and_token() -> String {
+        format!("[[users]]\nname = \"a\"\ncookie_env = \"A\"\n[[tokens]]\nname = \"t\"\nuser = \"a\"\nsha256 = \"{HASH}\"\n")
+    }
+
+    #[test]
+    fn an_unknown_key_is_named_by_its_path_with_the_closest_valid_one_on_one_line() {
+        assert_eq!(
+            only_problem("[server]\nmax_bdy = \"1MiB\"\n"),
+            "server.max_bdy: unknown key (did you mean max_body?), line 2"
+        );
+        let two_users = "[[users]]\nname = \"a\"\ncookie_env = \"A\"\n[[users]]\nname = \"b\"\ncookei_env = \"B\"\n";
+        assert_eq!(
+            only_problem(two_users),
+            "users[1].cookei_env: unknown key (did you mean cookie_env?), line 6"
+        );
+        let far = only_problem("[upstream]\nbanana = 1\n");
+        assert!(
+            far.starts_with("upstream.banana: unknown key (the keys here: url, "),
+            "{far}"
+        );
+        assert!(!far.contains('\n'), "{far}");
+    }
+
+    #[test]
+    fn quota_strings_and_durations_are_explained_in_their_own_terms() {
+        let text = format!("[quotas]\nmessage = [\"60/mins\"]\n{}", user_and_token());
+        let p = only_problem(&text);
+        assert!(p.starts_with("quotas.message[0]: "), "{p}");
+        assert!(
+            p.contains("unknown unit \"mins\"; use sec, min, hour, day or month"),
+            "{p}"
+        );
+        for key in ["timeout", "connect_timeout"] {
+            let text = format!("[upstream]\n{key} = \"99999999999h\"\n{}", user_and_token());
+            assert_eq!(
+                only_problem(&text),
+                format!("upstream.{key}: \"99999999999h\" is too long: at most \"1d\"")
+            );
+        }
+        let text = format!("[circuit]\nopen_for = \"2d\"\n{}", user_and_token());
+        assert_eq!(
+            only_problem(&text),
+            "circuit.open_for: \"2d\" is too long: at most \"1d\""
+        );
     }
 
     fn keys(err: ConfigError) -> Vec<String> {

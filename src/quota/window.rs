@@ -69,6 +69,11 @@ impl Window {
             "h" | "hour" => Period::Sliding(3_600_000),
             "d" | "day" => Period::Sliding(DAY_MS),
             "month" => Period::Month,
+            other if !other.is_empty() && other.bytes().all(|b| b.is_ascii_alphabetic()) => {
+                return Err(format!(
+                    "\"{text}\": unknown unit \"{other}\"; use sec, min, hour, day or month, or a duration such as \"90s\""
+                ))
+            }
             other => {
                 let d = parse_duration(other).map_err(|e| format!("\"{text}\": {e}"))?;
                 if d.is_zero() {
