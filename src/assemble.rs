@@ -17,7 +17,7 @@
 //! | part | kept when | otherwise |
 //! |---|---|---|
 //! | quota store, wait queues, in-flight counters, metrics, clock, drain latch | always | `state.dir` applies after a restart (a warning says so) |
-//! | forwarder: pool, circuit, retry budget, confirmed sends | `[upstream]`, `[retry]` and `[circuit]` are equal | rebuilt from the new sections (reads `upstream.ca_file`) |
+//! | forwarder: pool, circuit, retry budget, confirmed sends | `[upstream]`, `[retry]` and `[circuit]` are equal, and `upstream.ca_file` holds the same certificates | rebuilt from the new sections |
 //! | a user's live credential (cookie, status, rotation lock) | its cookie source is the same | read from the new source |
 //! | listen addresses, the clients' TLS files | bound at start-up | apply after a restart (a warning says so) |
 //!
@@ -26,6 +26,7 @@
 
 use std::sync::Arc;
 
+use rustls_pki_types::CertificateDer;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admission::Counters;
@@ -65,7 +66,14 @@ pub struct Started {
 struct Files {
     credentials: Option<Credentials>,
     server_tls: Option<Option<rustls::ServerConfig>>,
-    client_tls: Option<rustls::ClientConfig>,
+    client_tls: Option<ClientTls>,
+}
+
+/// The TLS config towards Knoq, with the `upstream.ca_file` certificates
+/// it was built from (a reload compares them).
+struct ClientTls {
+    config: rustls::ClientConfig,
+    ca: Vec<CertificateDer<'static>>,
 }
 
 /// Reads every file the config names, recording each problem.
@@ -87,10 +95,30 @@ fn read_files(config: &Config, problems: &mut Vec<Problem>) -> Files {
     }
 }
 
-fn client_tls(config: &Config, problems: &mut Vec<Problem>) -> Option<rustls::ClientConfig> {
-    crate::tls::client_config(config.upstream.ca_file.as_deref())
+/// `upstream.ca_file`'s certificates (none when it is not set), read once.
+fn ca_certs(config: &Config, problems: &mut Vec<Problem>) -> Option<Vec<CertificateDer<'static>>> {
+    match config.upstream.ca_file.as_deref() {
+        None => Some(Vec::new()),
+        Some(path) => crate::tls::read_certs(path)
+            .map_err(|e| problems.push(Problem::new("upstream.ca_file", e)))
+            .ok(),
+    }
+}
+
+fn client_tls_from(
+    config: &Config,
+    ca: Vec<CertificateDer<'static>>,
+    problems: &mut Vec<Problem>,
+) -> Option<ClientTls> {
+    crate::tls::client_config_with(&ca, config.upstream.ca_file.as_deref())
         .map_err(|e| problems.push(Problem::new("upstream.ca_file", e)))
         .ok()
+        .map(|config| ClientTls { config, ca })
+}
+
+fn client_tls(config: &Config, problems: &mut Vec<Problem>) -> Option<ClientTls> {
+    let ca = ca_certs(config, problems)?;
+    client_tls_from(config, ca, problems)
 }
 
 /// Checks everything start-up would, without changing any file (no state
@@ -176,13 +204,24 @@ pub fn reload(old: &Gateway, services: &Services, config: Config) -> Result<Gate
     let credentials = Credentials::reload(&config, &old.credentials)
         .map_err(|p| problems.extend(p))
         .ok();
+    // The CA file is read at every reload: new contents under the same
+    // name (a rotated upstream certificate) need a new client too.
+    let ca = ca_certs(&config, &mut problems);
     let same_upstream = before.upstream == config.upstream
         && before.retry == config.retry
-        && before.circuit == config.circuit;
-    let forwarder = if same_upstream {
-        Some(old.forwarder.clone())
-    } else {
-        client_tls(&config, &mut problems).map(|tls| forwarder(&config, tls, services))
+        && before.circuit == config.circuit
+        && ca.as_ref() == Some(&old.forwarder.ca);
+    let forwarder = match ca {
+        Some(_) if same_upstream => Some(old.forwarder.clone()),
+        Some(ca) => {
+            if before.upstream == config.upstream {
+                tracing::info!(
+                    "upstream.ca_file changed; new connections to Knoq trust its new contents"
+                );
+            }
+            client_tls_from(&config, ca, &mut problems).map(|tls| forwarder(&config, tls, services))
+        }
+        None => None,
     };
     let (Some(credentials), Some(forwarder), true) = (credentials, forwarder, problems.is_empty())
     else {
@@ -205,9 +244,9 @@ fn open_store(
 
 /// The forwarder and its Knoq client for the `[upstream]`, `[retry]` and
 /// `[circuit]` sections.
-fn forwarder(config: &Config, tls: rustls::ClientConfig, services: &Services) -> Arc<Forwarder> {
+fn forwarder(config: &Config, tls: ClientTls, services: &Services) -> Arc<Forwarder> {
     let knoq = Knoq::new(
-        Upstream::new(&config.upstream, tls),
+        Upstream::new(&config.upstream, tls.config),
         (
             config.upstream.max_streams * config.upstream.max_connections,
             config.upstream.queue_timeout,
@@ -223,6 +262,7 @@ fn forwarder(config: &Config, tls: rustls::ClientConfig, services: &Services) ->
         services.clock.clone(),
         services.metrics.clone(),
         services.drain.clone(),
+        tls.ca,
     ))
 }
 

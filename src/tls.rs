@@ -51,18 +51,30 @@ pub fn server_config(files: &TlsFiles) -> Result<ServerConfig, String> {
 /// Builds the client config towards Knoq: the platform's trust roots plus
 /// `ca_file`. ALPN is left empty: the HTTPS connector fills it in.
 pub fn client_config(ca_file: Option<&Path>) -> Result<ClientConfig, String> {
+    let extra = match ca_file {
+        Some(path) => read_certs(path)?,
+        None => Vec::new(),
+    };
+    client_config_with(&extra, ca_file)
+}
+
+/// As [`client_config`], with `ca_file`'s certificates already read (so a
+/// reload can tell whether they changed, reading the file once).
+pub fn client_config_with(
+    extra: &[CertificateDer<'static>],
+    ca_file: Option<&Path>,
+) -> Result<ClientConfig, String> {
     let mut roots = RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for cert in native.certs {
         // A platform store may hold a certificate rustls cannot parse; skip it.
         let _ = roots.add(cert);
     }
-    if let Some(path) = ca_file {
-        for cert in read_certs(path)? {
-            roots
-                .add(cert)
-                .map_err(|e| format!("{}: not a usable CA certificate: {e}", path.display()))?;
-        }
+    for cert in extra {
+        roots.add(cert.clone()).map_err(|e| {
+            let file = ca_file.map_or_else(String::new, |p| format!("{}: ", p.display()));
+            format!("{file}not a usable CA certificate: {e}")
+        })?;
     }
     if roots.is_empty() {
         return Err(

@@ -218,3 +218,39 @@ async fn sighup_reloads_and_does_not_stop_the_process() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("configuration reloaded"));
     bed.shutdown().await;
 }
+
+#[tokio::test]
+async fn new_contents_of_the_ca_file_are_trusted_after_a_reload() {
+    let mut bed = TestBed::start().await;
+    assert_eq!(bed.get(SESSIONS, "alice-svc").await.status, 200);
+    // Knoq restarts on the same address with a new certificate, from a
+    // new CA: the gateway cannot trust it yet.
+    let sim = bed.sim.take().unwrap();
+    let addr = sim.addr();
+    sim.shutdown().await;
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let new_sim = knoq_sim::SimKnoq::start(sim_config(), listener)
+        .await
+        .unwrap();
+    let r = bed.get(SESSIONS, "alice-svc").await;
+    assert_eq!(r.status, 502, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["code"], "upstream_tls");
+    // The operator puts the new CA in the same file and touches the
+    // config: [upstream] is unchanged, but the file's contents are not.
+    std::fs::write(bed.dir.0.join("knoq-ca.pem"), new_sim.ca_pem().unwrap()).unwrap();
+    rewrite(&bed, &format!("{}\n# ca rotated\n", bed.config_text));
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = bed.get(SESSIONS, "alice-svc").await.status;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the new CA was never trusted ({status})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bed.sim = Some(new_sim);
+    bed.shutdown().await;
+}
