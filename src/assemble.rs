@@ -195,6 +195,7 @@ pub fn reload(old: &Gateway, services: &Services, config: Config) -> Result<Gate
         ("admin.listen", before.admin.listen != config.admin.listen),
         ("server.tls_cert", before.server.tls != config.server.tls),
         ("state.dir", before.state.dir != config.state.dir),
+        ("log.format", before.log.format != config.log.format),
     ] {
         if changed {
             tracing::warn!(key, "this setting changed but applies only after a restart");
@@ -227,6 +228,13 @@ pub fn reload(old: &Gateway, services: &Services, config: Config) -> Result<Gate
     else {
         return Err(problems.into());
     };
+    if before.log.level != config.log.level {
+        // Checked when the file was parsed; applied as the reload lands.
+        if let Err(e) = crate::logging::set_level(&config.log.level) {
+            return Err(vec![Problem::new("log.level", e)].into());
+        }
+        tracing::info!(level = %config.log.level, "log level changed");
+    }
     Ok(stages(Arc::new(config), services, credentials, forwarder))
 }
 

@@ -695,7 +695,17 @@ impl RawConfig {
                     LogFormat::Text
                 }
             },
-            level: self.log.level.unwrap_or_else(|| "info".to_string()),
+            level: match self.log.level {
+                Some(level) if tracing_subscriber::EnvFilter::try_new(&level).is_err() => {
+                    c.problem(
+                        "log.level",
+                        format!("\"{level}\" is not a level or filter; use e.g. \"info\", \"debug\" or \"knoq_gateway=debug\""),
+                    );
+                    "info".to_string()
+                }
+                Some(level) => level,
+                None => "info".to_string(),
+            },
         };
         let scim = ScimConfig {
             token_file: self.scim.token_file.as_deref().map(|p| c.path(p)),

@@ -15,11 +15,11 @@
 //! |---|---|
 //! | [`cli`] | the subcommands: serve, check, token, credentials, mock-knoq, demo |
 //! | `demo` | `knoq-gateway demo`: simulated Knoq and gateway in one process (feature `sim`) |
-//! | `logging` | the tracing subscriber and its lean text line |
 //! | `admin` | `/healthz`, `/readyz`, `/metrics`, `/credentials` on the admin port |
 //! | `reload` | the live gateway: SIGHUP and file-change reloads, atomic swap, the prober's task |
 //! | `probe` | keep-alive checks of idle accounts' cookies |
 //! | `assemble` | the one place a config becomes running parts (start-up, `check`, reload), and what a reload keeps |
+//! | `logging` | the tracing subscriber, its lean text line, the reloadable level |
 //! | `server` | accept loop, per-connection limits, graceful drain |
 //! | `pipeline` | the per-request stages in order, the one log line, the in-flight guard |
 //! | `forward` | retries, the retry budget, reconciliation of ambiguous POSTs |

@@ -20,11 +20,17 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
 
+/// Swaps the level filter of the installed subscriber (set by `init`).
+type SetLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+static SET_LEVEL: std::sync::OnceLock<SetLevel> = std::sync::OnceLock::new();
+
 /// Installs the global subscriber. Call once, from `main`.
 pub fn init(config: &LogConfig) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&config.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let env_wins = from_env.is_some();
+    let filter = from_env
+        .or_else(|| EnvFilter::try_new(&config.level).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
     use std::io::IsTerminal;
     // Colour codes only for a person at a terminal: log files and
     // collectors get plain text (and the gateway skips the extra bytes).
@@ -32,16 +38,40 @@ pub fn init(config: &LogConfig) {
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
+    // The handle's type follows the line format: keep it behind a closure.
+    macro_rules! install {
+        ($builder:expr) => {{
+            // Last: the reload handle's type names the finished formatter.
+            let builder = $builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            if !env_wins {
+                let _ = SET_LEVEL.set(Box::new(move |level: &str| {
+                    let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+                    handle.reload(filter).map_err(|e| e.to_string())
+                }));
+            }
+            builder.try_init()
+        }};
+    }
     let result = match config.format {
         // A person at a terminal gets tracing's coloured lines; files and
         // collectors get the same text from `PlainLine`, which costs a
         // fraction of it (one line is written per request).
-        LogFormat::Text if std::io::stderr().is_terminal() => builder.try_init(),
-        LogFormat::Text => builder.event_format(PlainLine::new()).try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text if std::io::stderr().is_terminal() => install!(builder),
+        LogFormat::Text => install!(builder.event_format(PlainLine::new())),
+        LogFormat::Json => install!(builder.json().flatten_event(true)),
     };
     // A second call (tests, demo) keeps the first subscriber.
     let _ = result;
+}
+
+/// Applies a reloaded `log.level`. Nothing to do when no subscriber was
+/// installed (tests) or when `RUST_LOG` is set (it wins, as at start-up).
+pub fn set_level(level: &str) -> Result<(), String> {
+    match SET_LEVEL.get() {
+        Some(set) => set(level),
+        None => Ok(()),
+    }
 }
 
 /// tracing's default text line, `<time>  INFO <target>: <message> k=v ...`,

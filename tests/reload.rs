@@ -254,3 +254,46 @@ async fn new_contents_of_the_ca_file_are_trusted_after_a_reload() {
     bed.sim = Some(new_sim);
     bed.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_reloaded_log_level_applies_without_a_restart() {
+    let bed = TestBed::start().await;
+    let gw = bed.process_config("level.toml", Some("state-level"));
+    let quiet = std::fs::read_to_string(&gw.config)
+        .unwrap()
+        .replace("[state]", "[log]\nlevel = \"warn\"\n[state]");
+    std::fs::write(&gw.config, &quiet).unwrap();
+    let log = bed.dir.0.join("level.log");
+    let _child = gw.run(Stdio::from(std::fs::File::create(&log).unwrap()));
+    let c = client();
+    gw.wait_healthy(&c).await;
+    let url = format!("http://{}{SESSIONS}", gw.proxy);
+    let token = bed.token("alice-svc").to_string();
+    let get = || send(&c, req("GET", &url, Some(&token), None));
+    assert_eq!(get().await.status, 200);
+    let request_lines = || {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(" request ") && l.contains("status=200"))
+            .count()
+    };
+    assert_eq!(request_lines(), 0, "at warn, no request line");
+    std::fs::write(
+        &gw.config,
+        quiet.replace("level = \"warn\"", "level = \"info\""),
+    )
+    .unwrap();
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    while request_lines() == 0 {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the new level never applied"
+        );
+        assert_eq!(get().await.status, 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("log level changed"), "{text}");
+    bed.shutdown().await;
+}
