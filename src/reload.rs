@@ -168,6 +168,10 @@ impl Live {
             if reload {
                 match &path {
                     Some(p) => {
+                        // The version being read now is the one loaded: a
+                        // SIGHUP after an edit must not make the next look
+                        // at the file reload the same edit again.
+                        *self.loaded.lock().unwrap_or_else(|p| p.into_inner()) = stamp(p);
                         let _ = self.reload_file(p);
                     }
                     None => tracing::warn!("no config file to reload from"),

@@ -297,3 +297,52 @@ async fn a_reloaded_log_level_applies_without_a_restart() {
     assert!(text.contains("log level changed"), "{text}");
     bed.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_edit_and_a_sighup_make_one_reload_not_two() {
+    let bed = TestBed::start().await;
+    let gw = bed.process_config("once.toml", Some("state-once"));
+    let text = std::fs::read_to_string(&gw.config).unwrap();
+    let child = gw.run(Stdio::null());
+    let c = client();
+    gw.wait_healthy(&c).await;
+    let url = format!("http://{}{SESSIONS}", gw.proxy);
+    let refused = |token: &'static str| {
+        let (c, url, t) = (c.clone(), url.clone(), bed.token(token).to_string());
+        async move { send(&c, req("GET", &url, Some(&t), None)).await.status == 401 }
+    };
+    // One edit, and the SIGHUP an operator sends after it.
+    let first = without_token(&text, "bob-svc");
+    std::fs::write(&gw.config, &first).unwrap();
+    let _ = Command::new("kill")
+        .args(["-HUP", &child.0.id().to_string()])
+        .status();
+    eventually("the edit applies", Duration::from_secs(5), || {
+        refused("bob-svc")
+    })
+    .await;
+    // The file watch looks every 500 ms: a duplicate of the first reload
+    // could only come at one of its looks, so let three pass before the
+    // second edit (which would otherwise hide a duplicate in itself).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // A second edit, seen by the file watch alone.
+    std::fs::write(&gw.config, without_token(&first, "alice-batch")).unwrap();
+    eventually("the second edit applies", Duration::from_secs(5), || {
+        refused("alice-batch")
+    })
+    .await;
+    let metrics = send(
+        &c,
+        req("GET", &format!("http://{}/metrics", gw.admin), None, None),
+    )
+    .await;
+    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(r#"knoq_gateway_config_reloads_total{result="success"}"#))
+        .unwrap_or_default()
+        .to_string();
+    assert!(line.ends_with(" 2"), "two edits, two reloads: {line}");
+    child.kill();
+    bed.shutdown().await;
+}
