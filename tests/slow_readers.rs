@@ -10,13 +10,6 @@ use std::time::Duration;
 use support::*;
 use tokio::io::AsyncWriteExt;
 
-/// The value of one series on the bed's admin port.
-async fn metric(bed: &TestBed, series: &str) -> Option<f64> {
-    let text = String::from_utf8(bed.scrape().await.body.to_vec()).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
 async fn bed_with_send_timeout() -> TestBed {
     BedBuilder {
         server_toml: "send_timeout = \"1s\"\nmax_body = \"2MiB\"\n".into(),
@@ -57,7 +50,7 @@ async fn an_http1_client_that_never_reads_a_large_answer_is_closed_after_the_sen
     eventually(
         "the stalled connection is closed by the gateway",
         Duration::from_secs(15),
-        || async { metric(&bed, "knoq_gateway_open_connections").await == Some(0.0) },
+        || async { metric(bed.admin, "knoq_gateway_open_connections").await == Some(0.0) },
     )
     .await;
     drop(s);
@@ -126,7 +119,7 @@ async fn shut_window_connection_is_closed(bed: &TestBed, paths: &[String]) {
     eventually(
         "the connection with shut windows is closed by the gateway",
         Duration::from_secs(15),
-        || async { metric(bed, "knoq_gateway_open_connections").await == Some(0.0) },
+        || async { metric(bed.admin, "knoq_gateway_open_connections").await == Some(0.0) },
     )
     .await;
     let ended = tokio::time::timeout(Duration::from_secs(5), driver).await;

@@ -421,6 +421,17 @@ impl TestBed {
     }
 }
 
+/// The value of one series (name and labels, as the text format writes
+/// them) on the admin port `admin`, if present and the port answers.
+pub async fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
+    let url = format!("http://{admin}/metrics");
+    let r = client().request(req("GET", &url, None, None)).await.ok()?;
+    let body = r.into_body().collect().await.ok()?;
+    let text = String::from_utf8(body.to_bytes().to_vec()).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// A child process killed (SIGKILL) and reaped when dropped, so a test
 /// that fails half-way leaves no gateway running.
 pub struct Running(pub std::process::Child);
