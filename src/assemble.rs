@@ -211,7 +211,7 @@ pub fn reload(old: &Gateway, services: &Services, config: Config) -> Result<Gate
     let same_upstream = before.upstream == config.upstream
         && before.retry == config.retry
         && before.circuit == config.circuit
-        && ca.as_ref() == Some(&old.forwarder.ca);
+        && ca.as_ref() == Some(&old.forwarder.knoq.ca);
     let forwarder = match ca {
         Some(_) if same_upstream => Some(old.forwarder.clone()),
         Some(ca) => {
@@ -255,6 +255,7 @@ fn open_store(
 fn forwarder(config: &Config, tls: ClientTls, services: &Services) -> Arc<Forwarder> {
     let knoq = Knoq::new(
         Upstream::new(&config.upstream, tls.config),
+        tls.ca,
         (
             config.upstream.max_streams * config.upstream.max_connections,
             config.upstream.queue_timeout,
@@ -270,7 +271,6 @@ fn forwarder(config: &Config, tls: ClientTls, services: &Services) -> Arc<Forwar
         services.clock.clone(),
         services.metrics.clone(),
         services.drain.clone(),
-        tls.ca,
     ))
 }
 

@@ -257,6 +257,16 @@ impl Credentials {
         self.users.get(user).and_then(|c| c.cookie())
     }
 
+    /// Whether the user has a cookie now (no copy of it taken).
+    pub fn has_cookie(&self, user: &str) -> bool {
+        self.users.get(user).is_some_and(|c| {
+            c.cookie
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .is_some()
+        })
+    }
+
     /// `Bearer <scim token>`, when configured.
     pub fn scim_bearer(&self) -> Option<&HeaderValue> {
         self.scim_bearer.as_ref()

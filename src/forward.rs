@@ -52,9 +52,6 @@ pub struct Forwarder {
     /// Sends Knoq confirmed recently, so reconciliation does not mistake
     /// an earlier identical message for this one.
     confirmed: Confirmed,
-    /// The `upstream.ca_file` certificates the Knoq client trusts (the
-    /// assembly compares them at a reload).
-    pub(crate) ca: Vec<rustls_pki_types::CertificateDer<'static>>,
 }
 
 /// One request, ready to send.
@@ -86,10 +83,8 @@ impl Forwarder {
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
         drain: Drain,
-        ca: Vec<rustls_pki_types::CertificateDer<'static>>,
     ) -> Self {
         Forwarder {
-            ca,
             knoq,
             metrics,
             budget: Budget::new(retry.budget, retry.budget_floor),

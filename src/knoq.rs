@@ -99,6 +99,9 @@ pub enum ReadFailed {
 /// outlast reloads that leave `[upstream]` and `[circuit]` alone.
 pub struct Knoq {
     upstream: Upstream,
+    /// The `upstream.ca_file` certificates this client trusts (beside the
+    /// platform's): a reload compares them with the file's contents.
+    pub(crate) ca: Vec<rustls_pki_types::CertificateDer<'static>>,
     /// Places for requests in flight to Knoq (`upstream.max_streams`),
     /// each held from sending until the answer's head arrives.
     streams: Arc<Semaphore>,
@@ -114,6 +117,7 @@ pub struct Knoq {
 impl Knoq {
     pub fn new(
         upstream: Upstream,
+        ca: Vec<rustls_pki_types::CertificateDer<'static>>,
         limits: (usize, std::time::Duration),
         origin: HeaderValue,
         circuit: &CircuitConfig,
@@ -122,6 +126,7 @@ impl Knoq {
     ) -> Self {
         Knoq {
             upstream,
+            ca,
             streams: Arc::new(Semaphore::new(limits.0)),
             queue_timeout: limits.1,
             circuit: Circuit::new(circuit.failures, circuit.open_for),

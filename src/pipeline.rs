@@ -315,7 +315,7 @@ impl Gateway {
                 // Fail fast: Knoq would only answer 401 again.
                 return Err(GatewayError::CredentialExpired { user: user() });
             }
-            if self.credentials.cookie(&principal.user).is_none() {
+            if !self.credentials.has_cookie(&principal.user) {
                 return Err(GatewayError::CredentialMissing { user: user() });
             }
             Identity::Account {

@@ -62,8 +62,13 @@ async fn lying_upstream(reply: &'static str) -> String {
 }
 
 async fn bed_before(reply: &'static str) -> TestBed {
+    bed_on(lying_upstream(reply).await).await
+}
+
+/// A bed whose gateway talks to `upstream` (plain HTTP), one attempt each.
+async fn bed_on(upstream: String) -> TestBed {
     BedBuilder {
-        upstream_url: Some(lying_upstream(reply).await),
+        upstream_url: Some(upstream),
         trust_sim: false,
         tail_toml: "[retry]\nattempts = 1\n".into(),
         ..TestBed::builder()
@@ -155,14 +160,7 @@ async fn confused_upstream() -> String {
 
 #[tokio::test]
 async fn an_unsolicited_answer_on_a_reused_connection_never_reaches_another_account() {
-    let bed = BedBuilder {
-        upstream_url: Some(confused_upstream().await),
-        trust_sim: false,
-        tail_toml: "[retry]\nattempts = 1\n".into(),
-        ..TestBed::builder()
-    }
-    .start()
-    .await;
+    let bed = bed_on(confused_upstream().await).await;
     for _ in 0..5 {
         let a = bed.get(SESSIONS, "alice-svc").await;
         assert_eq!(a.status, 200);
@@ -188,14 +186,7 @@ async fn an_answer_that_arrives_while_the_connection_is_idle_is_never_taken_for_
         (reply, Some(Duration::from_millis(50)))
     })
     .await;
-    let bed = BedBuilder {
-        upstream_url: Some(upstream),
-        trust_sim: false,
-        tail_toml: "[retry]\nattempts = 1\n".into(),
-        ..TestBed::builder()
-    }
-    .start()
-    .await;
+    let bed = bed_on(upstream).await;
     for _ in 0..3 {
         let before = SEQ.load(std::sync::atomic::Ordering::SeqCst);
         let r = bed.get(SESSIONS, "alice-svc").await;
