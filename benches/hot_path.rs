@@ -15,7 +15,7 @@ use knoq_gateway::quota::{Bucket, Demand, LocalStore, QuotaStore};
 use knoq_gateway::route::classify;
 
 fn token_lookup(c: &mut Criterion) {
-    let tokens: Vec<([u8; 32], Principal)> = (0..200)
+    let tokens: Vec<([u8; 32], Principal, Option<u64>)> = (0..200)
         .map(|i| {
             let digest = digest_hex(&format!("kgw_token_{i}"));
             let mut sha = [0u8; 32];
@@ -27,7 +27,7 @@ fn token_lookup(c: &mut Criterion) {
                 user: format!("user{}", i % 50).into(),
                 scim: false,
             };
-            (sha, principal)
+            (sha, principal, None)
         })
         .collect();
     let table = TokenTable::new(tokens);
@@ -37,7 +37,7 @@ fn token_lookup(c: &mut Criterion) {
         HeaderValue::from_static("Bearer kgw_token_137"),
     );
     c.bench_function("token lookup (200 tokens)", |b| {
-        b.iter(|| black_box(table.authenticate(black_box(&headers)).is_ok()))
+        b.iter(|| black_box(table.authenticate(black_box(&headers), || 0).is_ok()))
     });
 }
 

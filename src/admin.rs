@@ -5,7 +5,7 @@
 //! | method | path       | answer |
 //! |--------|------------|--------|
 //! | GET    | `/healthz` | 200 `{"status":"ok"}` while the process runs |
-//! | GET    | `/readyz`  | 200 when the config is loaded and every user's cookie is present and not expired, else 503 naming the users |
+//! | GET    | `/readyz`  | 200 when the config is loaded and every user's cookie is present and not expired, else 503 naming the users; either way `problems` lists what needs an operator (see `health.rs`) |
 //! | GET    | `/metrics` | Prometheus text format (see `metrics.rs`) |
 //! | GET    | `/credentials` | each user's credential state, last success, last rotation, source (never the cookie) |
 //!
@@ -40,6 +40,7 @@ impl Admin {
 
     fn readyz(&self) -> Response<BoxBody> {
         let status = self.live.current().credentials.status();
+        let problems = crate::health::of_live(&self.live);
         let reload = match self.live.failed_reload() {
             None => json!({ "ok": true }),
             Some(error) => json!({ "ok": false, "error": error }),
@@ -58,7 +59,7 @@ impl Admin {
         if expired.is_empty() && missing.is_empty() {
             json_rsp(
                 StatusCode::OK,
-                json!({ "status": "ready", "reload": reload }),
+                json!({ "status": "ready", "reload": reload, "problems": problems }),
             )
         } else {
             json_rsp(
@@ -68,6 +69,7 @@ impl Admin {
                     "credentials_expired": expired,
                     "credentials_missing": missing,
                     "reload": reload,
+                    "problems": problems,
                 }),
             )
         }
@@ -95,10 +97,12 @@ impl Handler for Admin {
             (&Method::GET | &Method::HEAD, "/credentials") => self.credentials(),
             (&Method::GET | &Method::HEAD, "/metrics") => {
                 let gateway = self.live.current();
+                let mut snapshot = gateway.snapshot();
+                snapshot.problems = crate::health::counts(&crate::health::of_live(&self.live));
                 Response::builder()
                     .status(StatusCode::OK)
                     .header(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
-                    .body(body::full(gateway.metrics.encode(&gateway.snapshot())))
+                    .body(body::full(gateway.metrics.encode(&snapshot)))
                     .expect("static status and headers make a valid response")
             }
             (_, "/healthz" | "/readyz" | "/credentials" | "/metrics") => method_not_allowed(),

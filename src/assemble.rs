@@ -136,6 +136,38 @@ pub fn check(config: &Config) -> Result<(), ConfigError> {
     }
 }
 
+/// As [`check`], then the gateway `check --online` asks Knoq through. Its
+/// quota store lives in memory: the journal belongs to a gateway that may
+/// be running, and this process never writes it. What Knoq says back is
+/// applied as a running gateway would: a rotated cookie is stored, a
+/// rejected one recorded as expired (a running gateway picks either up).
+pub fn for_online_check(config: Config, clock: Arc<dyn Clock>) -> Result<Gateway, ConfigError> {
+    let mut problems = Vec::new();
+    let files = read_files(&config, &mut problems);
+    if let Err(e) = LocalStore::inspect_dir(&config.state.dir) {
+        problems.push(Problem::new("state.dir", e));
+    }
+    let (Some(credentials), Some(_), Some(client_tls), true) = (
+        files.credentials,
+        files.server_tls,
+        files.client_tls,
+        problems.is_empty(),
+    ) else {
+        return Err(problems.into());
+    };
+    let margin = config.quotas.margin.as_millis() as Millis;
+    let services = Services {
+        clock,
+        inflight: Counters::default(),
+        metrics: Metrics::new(),
+        store: Arc::new(LocalStore::in_memory(margin)),
+        queues: WaitQueues::default(),
+        drain: Drain::default(),
+    };
+    let forwarder = forwarder(&config, client_tls, &services);
+    Ok(stages(Arc::new(config), &services, credentials, forwarder))
+}
+
 /// Builds everything for `serve`: reads every file, opens the quota store
 /// (creating the state directory if needed), and the first gateway.
 /// Binds nothing.
@@ -187,20 +219,6 @@ pub fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, ConfigErr
 /// or changes nothing and returns every problem.
 pub fn reload(old: &Gateway, services: &Services, config: Config) -> Result<Gateway, ConfigError> {
     let before = &old.config;
-    for (key, changed) in [
-        (
-            "server.listen",
-            before.server.listen != config.server.listen,
-        ),
-        ("admin.listen", before.admin.listen != config.admin.listen),
-        ("server.tls_cert", before.server.tls != config.server.tls),
-        ("state.dir", before.state.dir != config.state.dir),
-        ("log.format", before.log.format != config.log.format),
-    ] {
-        if changed {
-            tracing::warn!(key, "this setting changed but applies only after a restart");
-        }
-    }
     let mut problems = Vec::new();
     let credentials = Credentials::reload(&config, &old.credentials)
         .map_err(|p| problems.extend(p))
@@ -236,6 +254,22 @@ pub fn reload(old: &Gateway, services: &Services, config: Config) -> Result<Gate
         tracing::info!(level = %config.log.level, "log level changed");
     }
     Ok(stages(Arc::new(config), services, credentials, forwarder))
+}
+
+/// The keys whose new value in `new` only a restart applies: what was
+/// bound or opened at start-up (`running` is the config the process
+/// started with).
+pub fn restart_keys(running: &Config, new: &Config) -> Vec<&'static str> {
+    [
+        ("server.listen", running.server.listen != new.server.listen),
+        ("admin.listen", running.admin.listen != new.admin.listen),
+        ("server.tls_cert", running.server.tls != new.server.tls),
+        ("state.dir", running.state.dir != new.state.dir),
+        ("log.format", running.log.format != new.log.format),
+    ]
+    .into_iter()
+    .filter_map(|(key, changed)| changed.then_some(key))
+    .collect()
 }
 
 /// The quota store the config asks for. Only the state directory's local
@@ -291,7 +325,7 @@ fn stages(
             user: t.user.as_str().into(),
             scim: t.scim,
         };
-        (t.sha256, principal)
+        (t.sha256, principal, t.expires)
     }));
     Gateway {
         hygiene: HygieneRules {

@@ -49,12 +49,15 @@ pub enum AuthError {
     Duplicate,
     #[error("unknown or revoked bearer token")]
     Unknown,
+    /// Past the token's `expires` (the message names no token).
+    #[error("this bearer token has expired")]
+    Expired,
 }
 
 /// Token digests to principals. Built once from the config.
 #[derive(Default)]
 pub struct TokenTable {
-    by_digest: HashMap<[u8; 32], Principal>,
+    by_digest: HashMap<[u8; 32], (Principal, Option<u64>)>,
 }
 
 impl fmt::Debug for TokenTable {
@@ -66,23 +69,35 @@ impl fmt::Debug for TokenTable {
 // === impl TokenTable ===
 
 impl TokenTable {
-    /// A table of tokens, each given by the SHA-256 of its secret and the
-    /// principal it stands for.
-    pub fn new(tokens: impl IntoIterator<Item = ([u8; 32], Principal)>) -> Self {
+    /// A table of tokens, each given by the SHA-256 of its secret, the
+    /// principal it stands for, and when it expires (Unix milliseconds).
+    pub fn new(tokens: impl IntoIterator<Item = ([u8; 32], Principal, Option<u64>)>) -> Self {
         TokenTable {
-            by_digest: tokens.into_iter().collect(),
+            by_digest: tokens
+                .into_iter()
+                .map(|(digest, who, expires)| (digest, (who, expires)))
+                .collect(),
         }
     }
 
-    /// Finds the principal for the request's bearer token.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<&Principal, AuthError> {
+    /// Finds the principal for the request's bearer token. `now` (Unix
+    /// milliseconds) is asked only for a token that expires.
+    pub fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        now: impl FnOnce() -> u64,
+    ) -> Result<&Principal, AuthError> {
         let mut values = headers.get_all(AUTHORIZATION).iter();
         let value = values.next().ok_or(AuthError::Missing)?;
         if values.next().is_some() {
             return Err(AuthError::Duplicate);
         }
         let token = parse_bearer(value.as_bytes()).ok_or(AuthError::Malformed)?;
-        self.by_digest.get(&sha256(token)).ok_or(AuthError::Unknown)
+        match self.by_digest.get(&sha256(token)) {
+            None => Err(AuthError::Unknown),
+            Some((_, Some(expires))) if now() >= *expires => Err(AuthError::Expired),
+            Some((who, _)) => Ok(who),
+        }
     }
 }
 
@@ -126,14 +141,15 @@ mod tests {
     use http::HeaderValue;
 
     fn table() -> TokenTable {
-        TokenTable::new([(
-            sha256(b"kgw_good"),
-            Principal {
-                token: "svc".into(),
-                user: "alice".into(),
-                scim: false,
-            },
-        )])
+        let who = |token: &str| Principal {
+            token: token.into(),
+            user: "alice".into(),
+            scim: false,
+        };
+        TokenTable::new([
+            (sha256(b"kgw_good"), who("svc"), None),
+            (sha256(b"kgw_dated"), who("dated"), Some(1_000)),
+        ])
     }
 
     fn headers(values: &[&str]) -> HeaderMap {
@@ -147,15 +163,33 @@ mod tests {
     #[test]
     fn bearer_token_finds_its_principal() {
         let t = table();
-        let p = t.authenticate(&headers(&["Bearer kgw_good"])).unwrap();
+        let p = t
+            .authenticate(&headers(&["Bearer kgw_good"]), || 0)
+            .unwrap();
         assert_eq!((&*p.token, &*p.user), ("svc", "alice"));
-        assert!(t.authenticate(&headers(&["bearer   kgw_good"])).is_ok());
+        assert!(t
+            .authenticate(&headers(&["bearer   kgw_good"]), || 0)
+            .is_ok());
+    }
+
+    #[test]
+    fn a_token_is_refused_from_its_expiry_on() {
+        let t = table();
+        let at = |now: u64| t.authenticate(&headers(&["Bearer kgw_dated"]), move || now);
+        assert_eq!(&*at(999).unwrap().token, "dated");
+        assert_eq!(at(1_000).unwrap_err(), AuthError::Expired);
+        assert_eq!(at(5_000).unwrap_err(), AuthError::Expired);
+        // A token without `expires` never asks the clock.
+        let never = || -> u64 { panic!("the clock was read") };
+        assert!(t
+            .authenticate(&headers(&["Bearer kgw_good"]), never)
+            .is_ok());
     }
 
     #[test]
     fn every_bad_header_shape_is_refused() {
         let t = table();
-        let err = |v: &[&str]| t.authenticate(&headers(v)).unwrap_err();
+        let err = |v: &[&str]| t.authenticate(&headers(v), || 0).unwrap_err();
         assert_eq!(err(&[]), AuthError::Missing);
         assert_eq!(err(&["Basic a2d3X2dvb2Q="]), AuthError::Malformed);
         assert_eq!(err(&["Bearer"]), AuthError::Malformed);

@@ -25,6 +25,7 @@ use std::time::Duration;
 use http::{HeaderValue, Uri};
 use serde::Deserialize;
 
+use crate::clock::Millis;
 use crate::quota::window::Window;
 use crate::quota::{Bucket, BucketOverrides, BucketWindows};
 use crate::units::{parse_duration, parse_size};
@@ -35,7 +36,9 @@ pub use crate::quota::{OnLimit, QuotaConfig};
 pub use crate::upstream::retry::{CircuitConfig, RetryConfig};
 pub use crate::upstream::UpstreamConfig;
 
-pub const DEFAULT_CONFIG_PATH: &str = "config/gateway.toml";
+/// Where the config is when neither `--config` nor `KNOQ_GATEWAY_CONFIG`
+/// says: the service layout (see README, "Running as a service").
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/knoq-gateway/gateway.toml";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 pub const DEFAULT_MAX_BODY: &str = "1MiB";
@@ -233,6 +236,7 @@ struct RawToken {
     #[serde(default)]
     scim: bool,
     quotas: Option<RawBucketQuotas>,
+    expires: Option<String>,
 }
 
 // === Typed layer ===
@@ -337,6 +341,9 @@ pub struct UserConfig {
 pub enum CookieSource {
     File(PathBuf),
     Env(String),
+    /// Neither: only `knoq-gateway credentials set` provides one, kept in
+    /// the state directory.
+    Stored,
 }
 
 #[derive(Clone)]
@@ -347,6 +354,8 @@ pub struct TokenConfig {
     pub scim: bool,
     /// A tighter share for this tool, checked on top of its user's limits.
     pub quotas: BucketOverrides,
+    /// Unix milliseconds from which the token is refused (`None`: never).
+    pub expires: Option<Millis>,
 }
 
 impl fmt::Debug for TokenConfig {
@@ -422,7 +431,7 @@ impl Config {
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigError::from(vec![Problem::new(
                 path.display().to_string(),
-                format!("cannot read the config file: {e}"),
+                format!("cannot read the config file: {e} (name another with --config or KNOQ_GATEWAY_CONFIG)"),
             )])
         })?;
         let base = path.parent().unwrap_or_else(|| Path::new("."));
@@ -641,6 +650,15 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
+/// A token's `expires`: a date (`2027-03-01`, the start of that day, UTC)
+/// or a full RFC 3339 time.
+pub fn parse_expiry(text: &str) -> Option<Millis> {
+    if text.len() == 10 {
+        return crate::clock::parse_rfc3339_ms(&format!("{text}T00:00:00Z"));
+    }
+    crate::clock::parse_rfc3339_ms(text)
+}
+
 fn parse_sha256_hex(text: &str) -> Option<[u8; 32]> {
     let text = text.trim();
     if text.len() != 64 {
@@ -758,13 +776,7 @@ impl RawConfig {
                     c.problem(key.clone(), "set cookie_file or cookie_env, not both");
                     continue;
                 }
-                (None, None) => {
-                    c.problem(
-                        key.clone(),
-                        "needs cookie_file (a file holding the Cookie header value) or cookie_env",
-                    );
-                    continue;
-                }
+                (None, None) => CookieSource::Stored,
             };
             let quotas = c.bucket_overrides(&format!("{key}.quotas"), u.quotas);
             let probe = u.probe.as_deref().map(|p| {
@@ -815,6 +827,22 @@ impl RawConfig {
                 );
                 continue;
             };
+            if sha256 == [0; 32] {
+                c.problem(
+                    format!("{key}.sha256"),
+                    "is the example's placeholder; make a token with `knoq-gateway token new` and paste the sha256 line it prints",
+                );
+            }
+            let expires = t.expires.as_deref().and_then(|text| {
+                let parsed = parse_expiry(text);
+                if parsed.is_none() {
+                    c.problem(
+                        format!("{key}.expires"),
+                        format!("\"{text}\" is not a date (\"2027-03-01\", meaning 00:00 UTC) or an RFC 3339 time (\"2027-03-01T12:00:00Z\")"),
+                    );
+                }
+                parsed
+            });
             if !digests.insert(sha256) {
                 c.problem(
                     format!("{key}.sha256"),
@@ -828,6 +856,7 @@ impl RawConfig {
                 sha256,
                 scim: t.scim,
                 quotas,
+                expires,
             });
         }
         if tokens.iter().any(|t| t.scim) && scim.token_file.is_none() {
@@ -1299,7 +1328,6 @@ mod tests {
                 "server.header_read_timeout",
                 "upstream.url",
                 "upstream.timeout",
-                "users[0]",
                 "tokens[0].user",
                 "tokens[1].name",
                 "tokens[1].sha256",
@@ -1465,9 +1493,42 @@ mod tests {
     }
 
     #[test]
-    fn example_config_parses() {
+    fn example_config_parses_once_its_placeholder_digest_is_replaced() {
         let text = include_str!("../config/gateway.example.toml");
-        let c = parse(text).unwrap_or_else(|e| panic!("example config: {e}"));
+        // Untouched, it names the one thing left to do.
+        let err = parse(text).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "1 problem in the configuration:\n  - tokens[0].sha256: is the example's placeholder; make a token with `knoq-gateway token new` and paste the sha256 line it prints"
+        );
+        let edited = text.replace(&"0".repeat(64), HASH);
+        let c = parse(&edited).unwrap_or_else(|e| panic!("example config: {e}"));
         assert!(!c.users.is_empty() && !c.tokens.is_empty());
+    }
+
+    #[test]
+    fn a_user_without_cookie_source_takes_it_from_credentials_set() {
+        let c = parse("[[users]]\nname = \"a\"\n").unwrap();
+        assert_eq!(c.users[0].cookie, CookieSource::Stored);
+    }
+
+    #[test]
+    fn token_expiry_is_a_date_or_a_time_and_nothing_else() {
+        let with = |e: &str| {
+            parse(&format!(
+                "[[users]]\nname = \"a\"\n[[tokens]]\nname = \"t\"\nuser = \"a\"\nsha256 = \"{HASH}\"\nexpires = \"{e}\"\n"
+            ))
+        };
+        let day = 86_400_000;
+        let march = crate::clock::days_from_civil(2027, 3, 1) as u64 * day;
+        assert_eq!(with("2027-03-01").unwrap().tokens[0].expires, Some(march));
+        assert_eq!(
+            with("2027-03-01T12:00:00Z").unwrap().tokens[0].expires,
+            Some(march + day / 2)
+        );
+        assert_eq!(
+            with("90d").unwrap_err().to_string(),
+            "1 problem in the configuration:\n  - tokens[0].expires: \"90d\" is not a date (\"2027-03-01\", meaning 00:00 UTC) or an RFC 3339 time (\"2027-03-01T12:00:00Z\")"
+        );
     }
 }

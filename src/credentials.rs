@@ -6,7 +6,16 @@
 //! 1. the state copy, `<state.dir>/credentials/<user>.json`, written when
 //!    Knoq rotates the cookie or an operator runs `credentials set`, as long
 //!    as it was made from the current source value;
-//! 2. the source the config names (`cookie_file` or `cookie_env`).
+//! 2. the source the config names (`cookie_file` or `cookie_env`); a
+//!    `[[users]]` entry that names neither takes its cookie only from
+//!    `credentials set`.
+//!
+//! A `cookie_file` is looked at about once a second. When it becomes
+//! unusable (deleted, made readable by others, holding no cookie) the
+//! account keeps the cookie it has, but the next start would fail: that is
+//! logged once at error level when it happens (and once more when it is
+//! fixed), and shown as the user's `source_problem` in `credentials status`,
+//! `/readyz` and `knoq_gateway_problems`.
 //!
 //! Each state copy records the SHA-256 of the source value it superseded, so
 //! when the operator puts a new cookie in `cookie_file`, the new one wins.
@@ -65,7 +74,8 @@ pub enum CredentialState {
     Unchecked,
 }
 
-/// Where the cookie in use came from.
+/// Where the cookie in use came from (or, while there is none, where it
+/// is expected from).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Origin {
@@ -75,7 +85,7 @@ pub enum Origin {
 }
 
 /// A user's credential as the status views see it (no secret).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserStatus {
     pub user: String,
     pub state: CredentialState,
@@ -84,6 +94,13 @@ pub struct UserStatus {
     /// Unix milliseconds of the last rotation or `credentials set`.
     pub last_rotation: Option<Millis>,
     pub source: Origin,
+    /// Why that source is in force, or what to do while there is none.
+    #[serde(default)]
+    pub why: String,
+    /// What is wrong with the configured source now (the next start would
+    /// fail), while the account keeps the cookie it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_problem: Option<String>,
 }
 
 /// The state copy of one user's cookie, as stored on disk.
@@ -109,8 +126,8 @@ struct Status {
     from_state: bool,
     /// Identity of the state file we last read or wrote.
     state_mtime: Option<Stamp>,
-    /// Digest of a cookie_file version already reported as unusable.
-    rejected_source: Option<String>,
+    /// Why the configured source cannot be used now (reported once).
+    source_problem: Option<String>,
     source_sha256: String,
 }
 
@@ -201,7 +218,6 @@ impl Credentials {
                 users.insert(user.name.as_str().into(), kept.clone());
                 continue;
             }
-            let (key, raw) = source_value(i, &user.cookie, &env);
             let state = match read_state(&state_dir, &user.name) {
                 Ok(state) => state,
                 Err(message) => {
@@ -216,13 +232,22 @@ impl Credentials {
                 status: Mutex::new(Status::default()),
                 writer: tokio::sync::Mutex::new(()),
             });
+            let Some((key, raw)) = source_value(i, &user.cookie, &env) else {
+                adopt(&cred, None, state);
+                if cred.cookie().is_none() {
+                    tracing::warn!(user = %user.name, "no cookie yet; run `knoq-gateway credentials set {}`", user.name);
+                }
+                users.insert(user.name.as_str().into(), cred);
+                continue;
+            };
             match raw.and_then(|text| parse_cookie(&text).map(|c| (sha256_hex(&text), c))) {
                 Ok(source) => adopt(&cred, Some(source), state),
                 // On a reload, a missing source is a missing cookie, unless
-                // a stored copy still applies.
-                Err(_) if previous.is_some() && is_missing(&user.cookie, &env) => {
-                    tracing::warn!(user = %user.name, "no cookie source; the account's requests fail until one is provided");
+                // a stored copy still applies; the next start would fail.
+                Err(message) if previous.is_some() && is_missing(&user.cookie, &env) => {
                     adopt(&cred, None, state);
+                    tracing::error!(user = %user.name, problem = %message, "the cookie source is missing; the next start will fail until it is provided");
+                    cred.status().source_problem = Some(message);
                 }
                 Err(message) => {
                     problems.push(Problem::new(key, message));
@@ -467,26 +492,30 @@ impl Credentials {
             let _w = cred.writer.lock().await;
             // The operator's file changed: its new cookie wins.
             if let CookieSource::File(path) = &cred.source {
-                if let Ok(text) = read_secret_line(path) {
-                    let digest = sha256_hex(&text);
-                    if digest != cred.status().source_sha256 {
-                        match parse_cookie(&text) {
-                            Ok(cookie) => {
-                                cred.publish(cookie);
-                                let mut s = cred.status();
-                                (s.source_sha256, s.expired, s.from_state) = (digest, false, false);
-                                tracing::info!(user = %cred.name, "cookie_file changed; using the new cookie");
-                            }
-                            Err(e) => {
-                                // Once per bad version of the file, not every tick.
-                                let mut s = cred.status();
-                                if s.rejected_source.as_deref() != Some(digest.as_str()) {
-                                    s.rejected_source = Some(digest);
-                                    tracing::warn!(user = %cred.name, error = %e, "cookie_file changed but holds no usable cookie; keeping the current one")
-                                }
-                            }
+                let problem = match read_secret_line(path) {
+                    Err(e) => Some(e),
+                    Ok(text) if sha256_hex(&text) == cred.status().source_sha256 => None,
+                    Ok(text) => match parse_cookie(&text) {
+                        Ok(cookie) => {
+                            cred.publish(cookie);
+                            let mut s = cred.status();
+                            (s.source_sha256, s.expired, s.from_state) =
+                                (sha256_hex(&text), false, false);
+                            tracing::info!(user = %cred.name, "cookie_file changed; using the new cookie");
+                            None
                         }
+                        Err(e) => Some(format!("{}: {e}", path.display())),
+                    },
+                };
+                let mut s = cred.status();
+                if s.source_problem != problem {
+                    match &problem {
+                        Some(p) => {
+                            tracing::error!(user = %cred.name, problem = %p, "cookie_file is unusable; the account keeps the cookie it has, but the next start will fail until this is fixed")
+                        }
+                        None => tracing::info!(user = %cred.name, "cookie_file is usable again"),
                     }
+                    s.source_problem = problem;
                 }
             }
             // A state copy written by someone else (`credentials set`).
@@ -515,12 +544,11 @@ impl Credentials {
                     },
                     last_success: s.last_success,
                     last_rotation: s.last_rotation,
-                    source: match (&cred.source, s.from_state) {
-                        (_, true) => Origin::State,
-                        (CookieSource::File(_), false) => Origin::File,
-                        (CookieSource::Env(_), false) => Origin::Env,
-                    },
+                    source: origin(&cred.source, s.from_state),
+                    why: String::new(),
+                    source_problem: s.source_problem.clone(),
                 }
+                .explained(&cred.source)
             })
             .collect();
         all.sort_by(|a, b| a.user.cmp(&b.user));
@@ -528,19 +556,21 @@ impl Credentials {
     }
 }
 
-/// Reads a user's source value; the key names the config entry.
+/// Reads a user's source value; the key names the config entry. `None`
+/// for a user whose cookie only `credentials set` provides.
 fn source_value(
     i: usize,
     source: &CookieSource,
     env: &impl Fn(&str) -> Option<String>,
-) -> (String, Result<String, String>) {
-    match source {
+) -> Option<(String, Result<String, String>)> {
+    Some(match source {
         CookieSource::File(path) => (format!("users[{i}].cookie_file"), read_secret_line(path)),
         CookieSource::Env(var) => (
             format!("users[{i}].cookie_env"),
             env(var).ok_or_else(|| format!("environment variable {var} is not set")),
         ),
-    }
+        CookieSource::Stored => return None,
+    })
 }
 
 /// Chooses between the source value and the state copy at start-up.
@@ -579,6 +609,7 @@ fn is_missing(source: &CookieSource, env: &impl Fn(&str) -> Option<String>) -> b
     match source {
         CookieSource::File(path) => !path.exists(),
         CookieSource::Env(var) => env(var).is_none(),
+        CookieSource::Stored => true,
     }
 }
 
@@ -676,7 +707,8 @@ pub fn store_operator_cookie(config: &Config, user: &str, cookie: &str) -> Resul
         .position(|u| u.name == user)
         .ok_or_else(|| format!("no [[users]] entry is named \"{user}\""))?;
     parse_cookie(cookie)?;
-    let (_, source) = source_value(i, &config.users[i].cookie, &|v| std::env::var(v).ok());
+    let source = source_value(i, &config.users[i].cookie, &|v| std::env::var(v).ok())
+        .map_or_else(|| Err(String::new()), |(_, source)| source);
     // A copy names the source value it supersedes, so that a later edit of
     // cookie_file wins over it; where the CLI cannot see the source the way
     // the gateway does (an environment variable, an unreadable file), the
@@ -713,7 +745,8 @@ pub fn status_from_files(config: &Config) -> Vec<UserStatus> {
         .iter()
         .enumerate()
         .map(|(i, u)| {
-            let (_, source) = source_value(i, &u.cookie, &|v| std::env::var(v).ok());
+            let source = source_value(i, &u.cookie, &|v| std::env::var(v).ok())
+                .map_or_else(|| Err(String::new()), |(_, source)| source);
             let digest = source.as_ref().ok().map(|t| sha256_hex(t));
             let state = read_state(&dir, &u.name).ok().flatten().map(|(f, _)| f);
             let current_copy = state.filter(|f| {
@@ -735,15 +768,62 @@ pub fn status_from_files(config: &Config) -> Vec<UserStatus> {
                 last_success: None,
                 last_rotation: rotation,
                 source: origin,
+                why: String::new(),
+                source_problem: match (&u.cookie, source) {
+                    (CookieSource::Stored, _) | (_, Ok(_)) => None,
+                    (_, Err(e)) => Some(e),
+                },
             }
+            .explained(&u.cookie)
         })
         .collect()
 }
 
 fn source_origin(source: &CookieSource) -> Origin {
-    match source {
-        CookieSource::File(_) => Origin::File,
-        CookieSource::Env(_) => Origin::Env,
+    origin(source, false)
+}
+
+fn origin(source: &CookieSource, from_state: bool) -> Origin {
+    match (source, from_state) {
+        (CookieSource::Stored, _) | (_, true) => Origin::State,
+        (CookieSource::File(_), false) => Origin::File,
+        (CookieSource::Env(_), false) => Origin::Env,
+    }
+}
+
+impl UserStatus {
+    /// Fills in `why`: the source in force and the reason, or the command
+    /// that fixes what is wrong.
+    fn explained(mut self, configured: &CookieSource) -> UserStatus {
+        let user = &self.user;
+        let named = match configured {
+            CookieSource::File(path) => format!("cookie_file {}", path.display()),
+            CookieSource::Env(var) => format!("cookie_env {var}"),
+            CookieSource::Stored => "no cookie_file or cookie_env".to_string(),
+        };
+        self.why = match (self.state, self.source) {
+            (CredentialState::Expired, _) => format!(
+                "Knoq rejected the cookie (401); set a new one with `knoq-gateway credentials set {user}`"
+            ),
+            (CredentialState::Missing, _) => match configured {
+                CookieSource::Stored => format!(
+                    "no cookie yet ({named}); set one with `knoq-gateway credentials set {user}`"
+                ),
+                _ => format!(
+                    "{named} gives no cookie; fix it, or run `knoq-gateway credentials set {user}`"
+                ),
+            },
+            (_, Origin::State) => match configured {
+                CookieSource::Stored => format!(
+                    "the stored copy ({named}): set by `credentials set`, kept current by Knoq's rotations"
+                ),
+                _ => format!(
+                    "the stored copy: set by `credentials set` or rotated by Knoq since {named} last changed; a new value there wins"
+                ),
+            },
+            (_, _) => format!("{named}, as configured"),
+        };
+        self
     }
 }
 

@@ -306,6 +306,33 @@ impl Knoq {
         Err(ReadFailed::Status(StatusCode::UNAUTHORIZED))
     }
 
+    /// One `GET path_and_query` with the SCIM token, for `check --online`:
+    /// Knoq's status (SCIM has no quota bucket, and nothing to rotate).
+    pub async fn scim_status(
+        &self,
+        bearer: &HeaderValue,
+        path_and_query: PathAndQuery,
+    ) -> Result<StatusCode, GatewayError> {
+        let parts = Request::get(self.uri_for(Some(&path_and_query)))
+            .body(())
+            .expect("a GET of a valid URI is a valid request")
+            .into_parts()
+            .0;
+        let who = Identity::Scim(bearer);
+        match self
+            .exchange(
+                &who,
+                Route::Scim,
+                &parts,
+                &Bytes::new(),
+                ResponseBound::Exchange,
+            )
+            .await?
+        {
+            Answer::Final(rsp) | Answer::StaleCookie(rsp) => Ok(rsp.status()),
+        }
+    }
+
     /// The upstream series of one attempt.
     fn record(
         &self,

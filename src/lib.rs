@@ -15,7 +15,9 @@
 //! |---|---|
 //! | [`cli`] | the subcommands: serve, check, token, credentials, mock-knoq, demo |
 //! | `demo` | `knoq-gateway demo`: simulated Knoq and gateway in one process (feature `sim`) |
+//! | `verify` | `check --online`: asking Knoq about each cookie and the SCIM token |
 //! | `admin` | `/healthz`, `/readyz`, `/metrics`, `/credentials` on the admin port |
+//! | `health` | what an operator must act on now: `/readyz`, `knoq_gateway_problems`, `check` |
 //! | `reload` | the live gateway: SIGHUP and file-change reloads, atomic swap, the prober's task |
 //! | `probe` | keep-alive checks of idle accounts' cookies |
 //! | `assemble` | the one place a config becomes running parts (start-up, `check`, reload), and what a reload keeps |
@@ -41,6 +43,7 @@
 //! | `secrets` | reading secret files (mode and symlink checks) |
 //! | `state` | the state directory; atomic, durable file replacement |
 //! | `shutdown` | the signals that end the process; the drain latch |
+//! | `service` | telling systemd ready / reloading / stopping (`NOTIFY_SOCKET`) |
 //! | `admission` | the in-flight caps: in all and per account, refused before anything is read |
 //! | `clock` | injectable wall-clock milliseconds and all calendar arithmetic |
 //! | `units` | duration and size parsing |
@@ -78,6 +81,7 @@ mod demo;
 mod error;
 mod forward;
 pub mod headers;
+mod health;
 mod inspect;
 mod knoq;
 mod logging;
@@ -90,11 +94,13 @@ mod reload;
 pub mod route;
 mod secrets;
 mod server;
+mod service;
 mod shutdown;
 mod state;
 pub mod tls;
 mod units;
 mod upstream;
+mod verify;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -190,12 +196,14 @@ pub async fn run(
         .clone()
         .watch(prepared.config.source.clone(), stopped(stop_rx_watch));
     let probes = prepared.live.clone().probe_loop(stopped(stop_rx_probe));
+    let ready = async { service::ready() };
     let signal = async move {
         shutdown.await;
+        service::stopping();
         live.services().drain.begin();
         let _ = stop_tx.send(true);
     };
-    tokio::join!(proxy_task, admin_task, signal, watch, probes);
+    tokio::join!(proxy_task, admin_task, ready, signal, watch, probes);
 }
 
 #[cfg(test)]

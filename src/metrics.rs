@@ -39,6 +39,8 @@ pub struct Snapshot {
     pub credentials: Vec<(String, bool)>,
     /// Each account's window headroom: (user, bucket, window unit, remaining).
     pub quota_remaining: Vec<(String, &'static str, String, u32)>,
+    /// Problems an operator must act on, by kind (every kind named).
+    pub problems: Vec<(&'static str, usize)>,
 }
 
 pub struct Metrics {
@@ -54,6 +56,7 @@ pub struct Metrics {
     pub quota_remaining: IntGaugeVec,
     pub upstream_rate_limited: IntCounterVec,
     pub credential_valid: IntGaugeVec,
+    pub problems: IntGaugeVec,
     pub cookie_rotations: IntCounterVec,
     pub inflight: IntGauge,
     pub open_connections: IntGauge,
@@ -169,6 +172,12 @@ impl Metrics {
                 "1 if the account's cookie is usable, 0 if expired or missing.",
                 &["user"],
             ),
+            problems: gauge_vec(
+                &r,
+                "knoq_gateway_problems",
+                "Problems an operator must act on now, by kind (see /readyz for which).",
+                &["kind"],
+            ),
             cookie_rotations: counter(
                 &r,
                 "knoq_gateway_cookie_rotations_total",
@@ -243,6 +252,9 @@ impl Metrics {
             self.credential_valid
                 .with_label_values(&[user])
                 .set(i64::from(*valid));
+        }
+        for (kind, n) in &state.problems {
+            self.problems.with_label_values(&[kind]).set(*n as i64);
         }
         for (user, bucket, window, left) in &state.quota_remaining {
             self.quota_remaining

@@ -247,6 +247,7 @@ impl Gateway {
             circuit_open: self.forwarder.knoq.circuit_open(),
             credentials,
             quota_remaining,
+            problems: Vec::new(),
         }
     }
 
@@ -280,7 +281,10 @@ impl Gateway {
         let (mut parts, body) = req.into_parts();
         self.hygiene.check(&parts)?;
 
-        let principal = self.tokens.authenticate(&parts.headers)?.clone();
+        let principal = self
+            .tokens
+            .authenticate(&parts.headers, || self.clock.now())?
+            .clone();
         ctx.principal = Some(principal.clone());
         counters
             .enter_user(&mut slot, &principal.user, *limits)

@@ -37,13 +37,21 @@ pub struct Live {
     services: Services,
     /// The last failed reload's problems, cleared by a successful one.
     failed: Mutex<Option<String>>,
+    /// The config the process started with: what was bound at start-up.
+    booted: Arc<Config>,
+    /// Keys of the running config that differ from `booted` and wait for
+    /// a restart.
+    pending: Mutex<Vec<&'static str>>,
     prober: crate::probe::Prober,
 }
 
 impl Live {
     pub fn new(gateway: Gateway, services: Services) -> Self {
         let loaded = gateway.config.source.as_ref().and_then(stamp);
+        let booted = gateway.config.clone();
         Live {
+            booted,
+            pending: Mutex::new(Vec::new()),
             current: RwLock::new(Arc::new(gateway)),
             loaded: Mutex::new(loaded),
             services,
@@ -73,10 +81,19 @@ impl Live {
             .clone()
     }
 
+    /// Settings changed in the running config that only a restart applies.
+    pub fn pending_restart(&self) -> Vec<&'static str> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Builds a gateway from `config` and makes it current, or changes
     /// nothing and returns every problem.
     pub fn reload(&self, config: Config) -> Result<(), ConfigError> {
         let old = self.current();
+        let restart = assemble::restart_keys(&self.booted, &config);
         let result = assemble::reload(&old, &self.services, config);
         let label = if result.is_ok() { "success" } else { "failure" };
         self.services
@@ -90,6 +107,14 @@ impl Live {
                 *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(gateway);
                 *failed = None;
                 tracing::info!("configuration reloaded");
+                let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                if restart != *pending && !restart.is_empty() {
+                    tracing::warn!(
+                        keys = %restart.join(","),
+                        "these settings changed but apply only after a restart"
+                    );
+                }
+                *pending = restart;
                 Ok(())
             }
             Err(e) => {
@@ -172,7 +197,9 @@ impl Live {
                         // SIGHUP after an edit must not make the next look
                         // at the file reload the same edit again.
                         *self.loaded.lock().unwrap_or_else(|p| p.into_inner()) = stamp(p);
+                        crate::service::reloading();
                         let _ = self.reload_file(p);
+                        crate::service::reloaded();
                     }
                     None => tracing::warn!("no config file to reload from"),
                 }

@@ -48,10 +48,12 @@ fn the_config_comes_from_the_flag_else_the_environment_else_the_default() {
     );
     assert!(!text.contains("max_bdy"), "{text}");
 
-    // Neither: the documented default, relative to the working directory.
+    // Neither: the documented default, the service layout's path, and
+    // how to name another.
     let (code, text) = check(&[], None);
     assert_ne!(code, 0);
-    assert!(text.contains("config/gateway.toml"), "{text}");
+    assert!(text.contains("/etc/knoq-gateway/gateway.toml"), "{text}");
+    assert!(text.contains("--config or KNOQ_GATEWAY_CONFIG"), "{text}");
 }
 
 #[test]

@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -144,31 +143,21 @@ async fn an_expired_cookie_fails_fast_until_credentials_set_provides_a_new_one()
 
     // The operator pastes a fresh cookie; the running gateway takes it.
     bed.control.set_cookie("alice", "alice-fresh-0003");
-    let mut child = Command::new(BIN)
-        .args(["credentials", "set", "alice", "--config"])
-        .arg(config_path(&bed))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"knoq_session=alice-fresh-0003\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let config = config_path(&bed);
+    let out = cli(
+        &[
+            "credentials",
+            "set",
+            "alice",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        Some("knoq_session=alice-fresh-0003\n"),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(out.stderr.contains("Knoq accepted it"), "{}", out.stderr);
+    let said = out.said();
     assert!(
         !said.contains("alice-fresh-0003"),
         "the cookie is never echoed: {said}"

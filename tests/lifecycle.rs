@@ -202,17 +202,39 @@ fn check_reports_every_problem_with_its_key_and_exits_1() {
 }
 
 #[test]
-fn the_example_config_passes_check_once_its_files_exist() {
+fn the_example_config_passes_check_once_its_files_exist_and_its_token_is_real() {
     let dir = TempDir::new("example");
     let example = include_str!("../config/gateway.example.toml");
-    std::fs::write(dir.0.join("gateway.toml"), example).unwrap();
+    let config = dir.0.join("gateway.toml");
+    std::fs::write(&config, example).unwrap();
     std::fs::create_dir(dir.0.join("secrets")).unwrap();
     dir.write_secret("secrets/alice.cookie", "knoq_session=abc");
-    let out = Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(dir.0.join("gateway.toml"))
-        .output()
-        .unwrap();
+    let check = || {
+        Command::new(BIN)
+            .args(["check", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    // Untouched, the placeholder digest is refused, with what to do.
+    let out = check();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("tokens[0].sha256: is the example's placeholder; make a token with `knoq-gateway token new`"),
+        "{text}"
+    );
+    // `token new` prints the line to paste.
+    let new = Command::new(BIN).args(["token", "new"]).output().unwrap();
+    let printed = String::from_utf8_lossy(&new.stdout);
+    let line = printed
+        .lines()
+        .find(|l| l.trim_start().starts_with("sha256 = "))
+        .unwrap()
+        .trim();
+    let placeholder = format!("sha256 = \"{}\"", "0".repeat(64));
+    std::fs::write(&config, example.replace(&placeholder, line)).unwrap();
+    let out = check();
     assert!(
         out.status.success(),
         "{}",

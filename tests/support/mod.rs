@@ -478,3 +478,48 @@ impl Process {
         .await;
     }
 }
+
+/// What one run of the `knoq-gateway` CLI printed.
+pub struct CliRun {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliRun {
+    /// Both streams, for assertions that do not care which.
+    pub fn said(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+/// Runs the CLI with `args` (and `stdin`), off the runtime: the command
+/// may call the in-process simulated Knoq, which must keep answering.
+pub async fn cli(args: &[&str], stdin: Option<&str>) -> CliRun {
+    use std::io::Write;
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let input = stdin.map(str::to_string);
+    tokio::task::spawn_blocking(move || {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_knoq-gateway"))
+            .args(&args)
+            .env_remove("KNOQ_GATEWAY_CONFIG")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut pipe = child.stdin.take().unwrap();
+        if let Some(text) = input {
+            pipe.write_all(text.as_bytes()).unwrap();
+        }
+        drop(pipe);
+        let out = child.wait_with_output().unwrap();
+        CliRun {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    })
+    .await
+    .unwrap()
+}

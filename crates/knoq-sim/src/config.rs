@@ -93,6 +93,14 @@ pub enum SimTls {
     /// is available from [`SimHandle::ca_pem`](super::SimHandle::ca_pem).
     #[default]
     SelfSigned,
+    /// A self-signed certificate kept in this directory, so clients that
+    /// trust it keep working across restarts. The first start creates the
+    /// directory (mode 0700) if missing and writes `cert.pem` (0644) and
+    /// `key.pem` (0600) there, atomically; later starts reuse them. If only
+    /// one is there, or one does not parse, or they do not fit, start fails
+    /// with `InvalidData` naming the file: the pair is never made anew over
+    /// old files. Its PEM is available like `SelfSigned`'s.
+    SelfSignedIn(PathBuf),
     /// Certificate chain and private key from PEM files.
     Files { cert: PathBuf, key: PathBuf },
     /// Plain HTTP (h1 or h2 with prior knowledge), for quick tests and benchmarks.

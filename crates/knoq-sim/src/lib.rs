@@ -13,6 +13,9 @@
 //!         '-> scim       SCIM 2.0 users and the Viewers group (bearer token)
 //! state    Shared: the parts above plus counters and the stop signal
 //! control  SimControl: fail_next, rotate/expire cookies, request log, counters
+//! tls      self-signed (fresh, or kept by `files` in a directory) or from files
+//!
+//! Standalone { listen, tls, .. }.start() / run_standalone(..): `mock-knoq`
 //! ```
 //!
 //! Leaf modules (`limits`, `clock`, `faults`, `log`, `reply`) know nothing of
@@ -35,6 +38,7 @@ mod clock;
 mod config;
 mod control;
 mod faults;
+mod files;
 mod limits;
 mod log;
 mod reply;
@@ -47,7 +51,9 @@ mod tls;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::{fmt, fs};
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
@@ -133,8 +139,8 @@ impl SimHandle {
         format!("{scheme}://{}", SocketAddr::new(ip, self.addr.port()))
     }
 
-    /// PEM of the self-signed certificate, for the client to trust; `None`
-    /// with certificate files or plain HTTP.
+    /// PEM of the self-signed certificate (fresh or kept in a directory), for
+    /// the client to trust; `None` with certificate files or plain HTTP.
     pub fn ca_pem(&self) -> Option<String> {
         self.ca_pem.clone()
     }
@@ -165,36 +171,159 @@ impl Drop for SimHandle {
     }
 }
 
-/// Runs a default simulator (one demo user) on `listen` until `shutdown`
-/// resolves: `knoq-gateway mock-knoq`. Logs the address and the demo user's
-/// name, never a cookie; with a self-signed certificate, logs its SHA-256
-/// fingerprint (the PEM is at `GET /_sim/ca`, and in the debug log).
+/// How `knoq-gateway mock-knoq` runs a simulator on its own: the default
+/// simulation (one demo user, [`DEMO_USER`] with [`DEMO_COOKIE`]) with these
+/// choices. [`Standalone::new`] gives the defaults for the other fields.
+/// `Debug` leaves the SCIM token out.
+#[derive(Clone)]
+pub struct Standalone {
+    /// Where to listen. Port 0 picks a free one ([`SimHandle::addr`] says
+    /// which, and the start-up log line).
+    pub listen: SocketAddr,
+    /// How the listener speaks; [`SimTls::SelfSignedIn`] keeps the
+    /// certificate across restarts.
+    pub tls: SimTls,
+    /// Also require `Origin` on reads (see [`SimConfig::origin_on_reads`]).
+    pub origin_on_reads: bool,
+    /// Write the PEM of the certificate clients must trust to this file
+    /// (atomically, mode 0644) once the simulator accepts connections and
+    /// before the line that says it listens is logged, so a script can wait
+    /// for the file. It is the same PEM as `GET /_sim/ca` serves. Only for
+    /// [`SimTls::SelfSigned`] and [`SimTls::SelfSignedIn`]: with certificate
+    /// files or plain HTTP, [`Standalone::start`] fails with `InvalidInput`
+    /// (clients of a given certificate trust whatever CA issued it, which the
+    /// simulator does not know). An existing file is replaced, not removed
+    /// first: a script that waits for it should delete it before starting.
+    pub ca_out: Option<PathBuf>,
+    /// Enables SCIM (under `/api/scim` and `/api/scim/v2`) with this bearer
+    /// token; `None`: every SCIM call is 403, as on a plan without SCIM. It
+    /// must be non-empty without whitespace (trim what a file ends with), or
+    /// [`Standalone::start`] fails with `InvalidInput`. Never logged.
+    pub scim_token: Option<String>,
+}
+
+// === impl Standalone ===
+
+impl Standalone {
+    /// Listens on `listen` with a fresh self-signed certificate, `Origin` on
+    /// mutations only, no `ca_out` file and no SCIM.
+    pub fn new(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            tls: SimTls::SelfSigned,
+            origin_on_reads: false,
+            ca_out: None,
+            scim_token: None,
+        }
+    }
+
+    /// Binds, starts the simulator, writes `ca_out` if set, then logs the
+    /// address and the demo user's name (never a cookie or the SCIM token)
+    /// and, with a self-signed certificate, its SHA-256 fingerprint (the PEM
+    /// is at `GET /_sim/ca`, and in the debug log).
+    ///
+    /// Fails with `InvalidInput` on a `ca_out` without a self-signed
+    /// certificate or an unusable SCIM token (both before binding), with the
+    /// errors of [`SimKnoq::start`] and of [`SimTls::SelfSignedIn`], and
+    /// with the bind or write error (naming the address or the file).
+    pub async fn start(self) -> io::Result<SimHandle> {
+        self.check()?;
+        let listener = TcpListener::bind(self.listen)
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("listening on {}: {e}", self.listen)))?;
+        let scim = self.scim_token.is_some();
+        let config = SimConfig {
+            tls: self.tls,
+            origin_on_reads: self.origin_on_reads,
+            scim_token: self.scim_token,
+            ..SimConfig::default()
+        };
+        let handle = SimKnoq::start(config, listener).await?;
+        if let (Some(path), Some(pem)) = (&self.ca_out, handle.ca_pem.as_deref()) {
+            files::write_atomic(path, pem.as_bytes(), files::PUBLIC_MODE)?;
+        }
+        info!(
+            addr = %handle.addr(),
+            base_url = %handle.base_url(),
+            user = DEMO_USER,
+            scim,
+            origin_on_reads = self.origin_on_reads,
+            "simulated Knoq listening; control interface under /_sim/"
+        );
+        if let Some(pem) = handle.ca_pem.as_deref() {
+            let sha256 = certificate_fingerprint(pem);
+            match &self.ca_out {
+                Some(path) => info!(
+                    %sha256,
+                    ca_out = %path.display(),
+                    "simulated Knoq uses a self-signed certificate; written to the ca_out file"
+                ),
+                None => info!(
+                    %sha256,
+                    "simulated Knoq uses a self-signed certificate; fetch it from GET /_sim/ca"
+                ),
+            }
+            debug!(%pem, "simulated Knoq certificate");
+        }
+        Ok(handle)
+    }
+
+    /// The checks that need no socket or file.
+    fn check(&self) -> io::Result<()> {
+        if let Some(path) = &self.ca_out {
+            if !matches!(self.tls, SimTls::SelfSigned | SimTls::SelfSignedIn(_)) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "ca_out ({}) only applies to a self-signed certificate; with certificate \
+                         files clients trust the CA that issued them, and plain HTTP has none",
+                        path.display()
+                    ),
+                ));
+            }
+            if fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("ca_out ({}) is a directory", path.display()),
+                ));
+            }
+        }
+        if let Some(token) = &self.scim_token {
+            if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "the SCIM token is empty or holds whitespace or control characters",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Standalone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Standalone")
+            .field("listen", &self.listen)
+            .field("tls", &self.tls)
+            .field("origin_on_reads", &self.origin_on_reads)
+            .field("ca_out", &self.ca_out)
+            .field(
+                "scim_token",
+                &self.scim_token.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// Runs a simulator as `options` say until `shutdown` resolves:
+/// `knoq-gateway mock-knoq`. Starts with [`Standalone::start`] (see it for
+/// what is logged and written, and the errors), then stops and waits as
+/// [`SimHandle::shutdown`] does.
 pub async fn run_standalone(
-    listen: SocketAddr,
-    tls: SimTls,
-    origin_on_reads: bool,
+    options: Standalone,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let listener = TcpListener::bind(listen).await?;
-    let config = SimConfig {
-        tls,
-        origin_on_reads,
-        ..SimConfig::default()
-    };
-    let handle = SimKnoq::start(config, listener).await?;
-    info!(
-        addr = %handle.addr(),
-        base_url = %handle.base_url(),
-        user = DEMO_USER,
-        "simulated Knoq listening; control interface under /_sim/"
-    );
-    if let Some(pem) = handle.ca_pem() {
-        info!(
-            sha256 = %certificate_fingerprint(&pem),
-            "simulated Knoq uses a self-signed certificate; fetch it from GET /_sim/ca"
-        );
-        debug!(%pem, "simulated Knoq certificate");
-    }
+    let handle = options.start().await?;
     shutdown.await;
     info!("simulated Knoq shutting down");
     handle.shutdown().await;

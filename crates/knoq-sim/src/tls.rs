@@ -1,5 +1,6 @@
-//! The simulator's TLS: a fresh self-signed certificate or one from files,
-//! ALPN `h2` then `http/1.1`, rustls with the ring provider.
+//! The simulator's TLS: a fresh self-signed certificate, a stable one kept in
+//! a directory (see `files`), or one from files; ALPN `h2` then `http/1.1`,
+//! rustls with the ring provider.
 //!
 //! The provider is passed explicitly so no process-wide default provider has
 //! to be installed (and none installed elsewhere can conflict).
@@ -12,8 +13,10 @@ use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info};
 
 use super::config::SimTls;
+use super::files;
 
 /// Names the self-signed certificate is valid for.
 const SELF_SIGNED_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
@@ -22,7 +25,7 @@ const SELF_SIGNED_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
 pub(super) struct TlsSetup {
     /// `None`: plain HTTP.
     pub(super) acceptor: Option<TlsAcceptor>,
-    /// PEM of the self-signed certificate, for clients to trust.
+    /// PEM of the self-signed certificate (fresh or stable), for clients to trust.
     pub(super) ca_pem: Option<String>,
 }
 
@@ -35,15 +38,36 @@ pub(super) fn setup(tls: &SimTls) -> io::Result<TlsSetup> {
             ca_pem: None,
         }),
         SimTls::SelfSigned => {
-            let names: Vec<String> = SELF_SIGNED_NAMES.iter().map(|n| n.to_string()).collect();
-            let certified = rcgen::generate_simple_self_signed(names)
-                .map_err(|e| other(format!("generating a self-signed certificate: {e}")))?;
+            let certified = self_signed()?;
             let key =
                 PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der()));
             let config = server_config(vec![certified.cert.der().clone()], key)?;
             Ok(TlsSetup {
                 acceptor: Some(TlsAcceptor::from(Arc::new(config))),
                 ca_pem: Some(certified.cert.pem()),
+            })
+        }
+        SimTls::SelfSignedIn(dir) => {
+            let pair = files::load_or_create(dir, || {
+                let certified = self_signed()?;
+                Ok((certified.cert.pem(), certified.key_pair.serialize_pem()))
+            })?;
+            let config = server_config(pair.certs, pair.key).map_err(|e| {
+                invalid_data(format!(
+                    "certificate directory {}: {e}; remove {} and {} to make a new pair",
+                    dir.display(),
+                    dir.join(files::CERT_FILE).display(),
+                    dir.join(files::KEY_FILE).display()
+                ))
+            })?;
+            if pair.created {
+                info!(dir = %dir.display(), "simulated Knoq: made a self-signed certificate to keep");
+            } else {
+                debug!(dir = %dir.display(), "simulated Knoq: reusing the kept self-signed certificate");
+            }
+            Ok(TlsSetup {
+                acceptor: Some(TlsAcceptor::from(Arc::new(config))),
+                ca_pem: Some(pair.cert_pem),
             })
         }
         SimTls::Files { cert, key } => {
@@ -57,6 +81,13 @@ pub(super) fn setup(tls: &SimTls) -> io::Result<TlsSetup> {
             })
         }
     }
+}
+
+/// A new self-signed certificate for [`SELF_SIGNED_NAMES`].
+fn self_signed() -> io::Result<rcgen::CertifiedKey> {
+    let names: Vec<String> = SELF_SIGNED_NAMES.iter().map(|n| n.to_string()).collect();
+    rcgen::generate_simple_self_signed(names)
+        .map_err(|e| other(format!("generating a self-signed certificate: {e}")))
 }
 
 fn read_certs(path: &Path) -> io::Result<Vec<CertificateDer<'static>>> {
