@@ -84,7 +84,11 @@ impl Admin {
 }
 
 impl Handler for Admin {
-    async fn handle(&self, req: Request<Incoming>) -> Response<BoxBody> {
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        _peer: std::net::SocketAddr,
+    ) -> Response<BoxBody> {
         let (parts, _body) = req.into_parts();
         if let Err(e) = self.hosts.check_host(&parts) {
             return GatewayError::from(e).into_response(0);

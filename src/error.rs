@@ -89,6 +89,17 @@ pub struct ErrorReply {
 // === impl GatewayError ===
 
 impl GatewayError {
+    /// Refused at once because of a state that was logged once when it
+    /// began (so its requests need no warning each).
+    pub fn fails_fast(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::CredentialExpired { .. }
+                | GatewayError::CredentialMissing { .. }
+                | GatewayError::CircuitOpen { .. }
+        )
+    }
+
     pub fn reply(&self) -> ErrorReply {
         use Blame::*;
         let (status, code, blame) = match self {

@@ -157,8 +157,12 @@ fn write_timestamp(writer: &mut Writer<'_>) -> fmt::Result {
     writer.write_char('Z')
 }
 
-/// Writes fields as tracing's default formatter does: the message bare,
-/// the rest as ` name=value`, strings quoted and escaped like `{:?}`.
+/// Writes fields as tracing's default formatter does, but with one rule
+/// for every text value: the message bare, the rest as ` name=value`,
+/// numbers and booleans bare, every other value (a string, a `%` Display,
+/// a `?` Debug, an error and each of its causes) quoted and escaped like
+/// `{:?}` writes a string. (tracing's own formatter quotes only strings,
+/// so `error=disk full` and `user="a b"` would read differently.)
 struct PlainFields<'a, 'w> {
     writer: &'a mut Writer<'w>,
     first: bool,
@@ -203,6 +207,31 @@ impl fmt::Write for Escaping<'_, '_> {
     }
 }
 
+/// Writes through to the line as the inside of a quoted string: `"` and
+/// `\\` escaped, control characters as `\n`, `\t`, `\r` or `\u{..}`,
+/// as `{:?}` writes a string.
+struct Quoting<'a, 'w>(&'a mut Writer<'w>);
+
+impl fmt::Write for Quoting<'_, '_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let mut rest = s;
+        while let Some(at) = rest.find(|c: char| c == '"' || c == '\\' || c.is_control()) {
+            self.0.write_str(&rest[..at])?;
+            let c = rest[at..].chars().next().expect("found above");
+            match c {
+                '"' => self.0.write_str("\\\"")?,
+                '\\' => self.0.write_str("\\\\")?,
+                '\n' => self.0.write_str("\\n")?,
+                '\r' => self.0.write_str("\\r")?,
+                '\t' => self.0.write_str("\\t")?,
+                _ => write!(self.0, "\\u{{{:x}}}", c as u32)?,
+            }
+            rest = &rest[at + c.len_utf8()..];
+        }
+        self.0.write_str(rest)
+    }
+}
+
 impl Visit for PlainFields<'_, '_> {
     fn record_str(&mut self, field: &Field, value: &str) {
         if self.result.is_err() {
@@ -238,14 +267,43 @@ impl Visit for PlainFields<'_, '_> {
         });
     }
 
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        if self.result.is_err() {
+            return;
+        }
+        self.result = self
+            .name(field)
+            .and_then(|()| write!(self.writer, "{value}"));
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        if self.result.is_err() {
+            return;
+        }
+        self.result = self
+            .name(field)
+            .and_then(|()| write!(self.writer, "{value}"));
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        if self.result.is_err() {
+            return;
+        }
+        self.result = self
+            .name(field)
+            .and_then(|()| write!(self.writer, "{value}"));
+    }
+
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
         if self.result.is_err() {
             return;
         }
-        // As tracing writes it: `name=<error> name.sources=[<cause>, ...]`,
-        // each text escaped.
+        // `name="<error>" name.sources=["<cause>", ...]`, each quoted like
+        // any text value.
         self.result = self.name(field).and_then(|()| {
-            write!(Escaping(self.writer), "{value}")?;
+            self.writer.write_char('"')?;
+            write!(Quoting(self.writer), "{value}")?;
+            self.writer.write_char('"')?;
             if let Some(source) = value.source() {
                 write!(self.writer, " {}.sources=[", field.name())?;
                 let mut next = Some(source);
@@ -254,7 +312,9 @@ impl Visit for PlainFields<'_, '_> {
                     if !std::mem::take(&mut first) {
                         self.writer.write_str(", ")?;
                     }
-                    write!(Escaping(self.writer), "{e}")?;
+                    self.writer.write_char('"')?;
+                    write!(Quoting(self.writer), "{e}")?;
+                    self.writer.write_char('"')?;
                     next = e.source();
                 }
                 self.writer.write_char(']')?;
@@ -271,7 +331,12 @@ impl Visit for PlainFields<'_, '_> {
             if field.name() == "message" {
                 write!(Escaping(self.writer), "{value:?}")
             } else {
-                write!(self.writer, "{value:?}")
+                // Display (`%`) and Debug (`?`) values are text like any
+                // string field: quoted and escaped the same way, written
+                // straight into the line (no copy per field).
+                self.writer.write_char('"')?;
+                write!(Quoting(self.writer), "{value:?}")?;
+                self.writer.write_char('"')
             }
         });
     }
@@ -335,7 +400,7 @@ mod tests {
     }
 
     #[test]
-    fn plain_lines_match_tracings_own_text_format() {
+    fn plain_lines_are_tracings_format_with_every_text_value_quoted() {
         let emit = || {
             let err = std::io::Error::other("disk \"full\"");
             tracing::info!(
@@ -370,7 +435,22 @@ mod tests {
         let ours = capture(true, emit);
         assert_eq!(theirs.lines().count(), 7, "{theirs}");
         assert!(!theirs.contains('\x1b'), "{theirs}");
-        assert_eq!(ours, theirs);
+        assert!(!ours.contains('\x1b'), "{ours}");
+        // Lines with only strings, numbers and messages are tracing's own.
+        for i in [1, 2, 3, 4, 6] {
+            assert_eq!(ours.lines().nth(i), theirs.lines().nth(i), "line {i}");
+        }
+        // Every text value is quoted alike, whichever way it was recorded.
+        assert_eq!(
+            ours.lines().next().unwrap(),
+            " INFO knoq_gateway::logging::tests: request request_id=\"kgw-1\" user=\"a b\" \
+             quoted=\"say \\\"hi\\\"\\nand leave\" unicode=\"café\" status=200 delta=-3 ok=true \
+             addr=\"127.0.0.1:8080\" list=\"[\\\"x\\\", \\\"y\\\"]\" error=\"disk \\\"full\\\"\""
+        );
+        assert_eq!(
+            ours.lines().nth(5).unwrap(),
+            "ERROR knoq_gateway::logging::tests: failed error=\"outer\" error.sources=[\"inner \\u{1b} cause\"]"
+        );
     }
 
     #[test]

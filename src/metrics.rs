@@ -234,7 +234,7 @@ impl Metrics {
         token: &str,
         seconds: f64,
     ) {
-        let route = route.map_or("other", Route::label);
+        let route = route_label(route);
         let code = status.as_str();
         self.requests
             .with_label_values(&[route, method_label(method), code, user, token])
@@ -267,6 +267,12 @@ impl Metrics {
             .expect("encoding to a Vec cannot fail");
         out
     }
+}
+
+/// The route label of a request: its route, or `other` when it was
+/// refused before it had one (the log line uses the same name).
+pub fn route_label(route: Option<Route>) -> &'static str {
+    route.map_or("other", Route::label)
 }
 
 /// The method label: one of the methods the gateway serves, else `other`.

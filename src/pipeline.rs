@@ -74,6 +74,8 @@ pub struct Gateway {
 /// log line and the metrics: pingora's per-request `CTX`.
 struct RequestCtx {
     request_id: HeaderValue,
+    /// The client's address (the TCP peer).
+    client: std::net::SocketAddr,
     start: Instant,
     method: Method,
     route: Option<Route>,
@@ -139,9 +141,14 @@ fn cause_chain(err: &dyn std::error::Error) -> String {
 
 impl Gateway {
     /// Runs the pipeline for one request. Never fails: errors become JSON.
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<BoxBody> {
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        client: std::net::SocketAddr,
+    ) -> Response<BoxBody> {
         let ctx = RequestCtx {
             request_id: headers::request_id(req.headers()),
+            client,
             start: Instant::now(),
             method: req.method().clone(),
             route: None,
@@ -156,17 +163,27 @@ impl Gateway {
             Ok(rsp) => rsp,
             Err(err) => {
                 let reply = err.reply();
-                // Causes go to the log (never to the client); a client's
-                // own mistake is not worth a warning.
+                // Causes go to the log (never to the client). A client's
+                // own mistake is not worth a warning, and neither is a
+                // request failed fast by a state already logged once when
+                // it began (an expired or missing cookie, an open circuit).
+                let request_id = ctx.request_id.to_str().unwrap_or("-");
+                let cause = cause_chain(&err);
                 match reply.blame {
-                    Blame::Downstream => {
-                        tracing::debug!(request_id = ?ctx.request_id, code = reply.code, error = %err, "refused")
+                    _ if err.fails_fast() || reply.blame == Blame::Downstream => {
+                        tracing::debug!(request_id, code = reply.code, error = %err, "refused")
                     }
-                    Blame::Upstream | Blame::Internal => tracing::warn!(
-                        request_id = ?ctx.request_id,
+                    _ if cause.is_empty() => tracing::warn!(
+                        request_id,
                         code = reply.code,
                         error = %err,
-                        cause = %cause_chain(&err),
+                        "request failed"
+                    ),
+                    _ => tracing::warn!(
+                        request_id,
+                        code = reply.code,
+                        error = %err,
+                        cause = %cause,
                         "request failed"
                     ),
                 }
@@ -206,8 +223,10 @@ impl Gateway {
             .record_request(ctx.route, &ctx.method, status, user, token, seconds);
         tracing::info!(
             request_id = ctx.request_id.to_str().unwrap_or("-"),
+            client = %ctx.client,
             method = ctx.method.as_str(),
-            route = ctx.route.map_or("-", Route::label),
+            // The same names as the metrics' `route` label.
+            route = crate::metrics::route_label(ctx.route),
             user,
             token,
             status = status.as_u16(),

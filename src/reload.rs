@@ -217,8 +217,12 @@ fn stamp(path: impl AsRef<Path>) -> Option<(SystemTime, u64)> {
 }
 
 impl Handler for Live {
-    fn handle(&self, req: Request<Incoming>) -> impl Future<Output = Response<BoxBody>> + Send {
+    fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: std::net::SocketAddr,
+    ) -> impl Future<Output = Response<BoxBody>> + Send {
         let gateway = self.current();
-        async move { gateway.handle(req).await }
+        async move { gateway.handle(req, peer).await }
     }
 }

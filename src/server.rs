@@ -37,6 +37,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,7 +59,12 @@ use crate::error::GatewayError;
 
 /// Something that answers requests: the proxy pipeline or the admin page.
 pub trait Handler: Send + Sync + 'static {
-    fn handle(&self, req: Request<Incoming>) -> impl Future<Output = Response<BoxBody>> + Send;
+    /// Answers `req`, which arrived from `peer`.
+    fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> impl Future<Output = Response<BoxBody>> + Send;
 }
 
 /// Connection-level settings for one listener.
@@ -134,7 +140,7 @@ pub async fn serve<H: Handler>(
             if let Some(g) = &gauge {
                 g.inc();
             }
-            serve_connection(stream, &builder, handler, opts, drain).await;
+            serve_connection(stream, peer, &builder, handler, opts, drain).await;
             if let Some(g) = &gauge {
                 g.dec();
             }
@@ -219,6 +225,7 @@ const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 async fn serve_connection<H: Handler>(
     stream: TcpStream,
+    peer: SocketAddr,
     builder: &auto::Builder<TokioExecutor>,
     handler: Arc<H>,
     opts: ServeOptions,
@@ -226,10 +233,10 @@ async fn serve_connection<H: Handler>(
 ) {
     let _ = stream.set_nodelay(true);
     match &opts.tls {
-        None => drive(stream, builder, handler, &opts, drain).await,
+        None => drive(stream, peer, builder, handler, &opts, drain).await,
         Some(acceptor) => {
             match tokio::time::timeout(opts.header_read_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => drive(tls, builder, handler, &opts, drain).await,
+                Ok(Ok(tls)) => drive(tls, peer, builder, handler, &opts, drain).await,
                 Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!("TLS handshake timed out"),
             }
@@ -239,6 +246,7 @@ async fn serve_connection<H: Handler>(
 
 async fn drive<I, H>(
     io: I,
+    peer: SocketAddr,
     builder: &auto::Builder<TokioExecutor>,
     handler: Arc<H>,
     opts: &ServeOptions,
@@ -253,7 +261,7 @@ async fn drive<I, H>(
         let handler = handler.clone();
         let in_flight = svc_activity.begin();
         async move {
-            let rsp = handler.handle(req).await;
+            let rsp = handler.handle(req, peer).await;
             // The request counts as in flight until its body is sent, and
             // the body tells the watcher when it waits on the client.
             Ok::<_, Infallible>(rsp.map(|b| Watched::new(b, in_flight).boxed_unsync()))

@@ -473,3 +473,73 @@ fn parse_unix(text: &str) -> i64 {
     let days = era * 146_097 + doe - 719_468;
     days * 86_400 + n(11..13) * 3600 + n(14..16) * 60 + n(17..19)
 }
+
+#[tokio::test]
+async fn an_expiry_is_one_warning_and_access_lines_name_the_client_and_the_metrics_route() {
+    let bed = TestBed::start().await;
+    let p = bed.process_config("logs.toml", Some("state-logs"));
+    let mut gateway = p.run(std::process::Stdio::piped());
+    let c = client();
+    p.wait_healthy(&c).await;
+    let alice = bed.token("alice-svc").to_string();
+    let at = |path: &str| format!("http://{}{path}", p.proxy);
+    bed.control.expire_cookie("alice");
+    for _ in 0..5 {
+        let r = send(&c, req("GET", &at(SESSIONS), Some(&alice), None)).await;
+        assert_eq!(r.status, 503);
+    }
+    // Refused before it had a route: 401 for an unknown path, no token.
+    let r = send(&c, req("GET", &at("/nowhere"), None, None)).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        metric(
+            p.admin,
+            "knoq_gateway_requests_total{code=\"401\",method=\"GET\",route=\"other\",token=\"-\",user=\"-\"}"
+        )
+        .await,
+        Some(1.0)
+    );
+    // SIGTERM, then everything it logged.
+    let stderr = gateway.0.stderr.take().unwrap();
+    let pid = gateway.0.id().to_string();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let text = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut text = String::new();
+        let mut stderr = stderr;
+        stderr.read_to_string(&mut text).unwrap();
+        text
+    })
+    .await
+    .unwrap();
+    drop(gateway);
+    let warnings: Vec<&str> = text.lines().filter(|l| l.contains(" WARN ")).collect();
+    assert_eq!(
+        warnings.len(),
+        1,
+        "one warning for the expiry, none per refused request: {text}"
+    );
+    assert!(
+        warnings[0].contains("Knoq rejected the session cookie"),
+        "{text}"
+    );
+    let access: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("knoq_gateway::pipeline: request "))
+        .collect();
+    assert_eq!(access.len(), 6, "{text}");
+    for line in &access {
+        assert!(line.contains(" client=\"127.0.0.1:"), "{line}");
+    }
+    assert!(access[5].contains(" route=\"other\" "), "{}", access[5]);
+    assert!(
+        access[0].contains(" route=\"sessions_list\" "),
+        "{}",
+        access[0]
+    );
+    bed.shutdown().await;
+}

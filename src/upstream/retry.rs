@@ -331,14 +331,21 @@ impl Pass<'_> {
         if self.probe {
             s.probing = false;
         }
+        // One line per change of state: opened, closed (a failed probe
+        // that keeps it open is not a change).
         if success {
+            if s.open_until.is_some() {
+                tracing::info!("upstream circuit closed: Knoq answered again");
+            }
             *s = CircuitState::default();
             return;
         }
         s.consecutive += 1;
         if self.probe || s.consecutive >= c.failures {
-            if s.open_until.is_none() || self.probe {
+            if s.open_until.is_none() {
                 tracing::warn!(consecutive = s.consecutive, open_for = ?c.open_for, "upstream circuit opened");
+            } else {
+                tracing::debug!(open_for = ?c.open_for, "the probe failed; the upstream circuit stays open");
             }
             s.open_until = Some(Instant::now() + c.open_for);
         }
