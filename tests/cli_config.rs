@@ -81,3 +81,63 @@ fn git_ignores_every_secret_and_state_path_the_docs_suggest() {
         assert!(ignored, "{path} would be offered for a commit");
     }
 }
+
+#[test]
+fn every_command_and_option_is_described_in_help() {
+    let subcommands: &[&[&str]] = &[
+        &[],
+        &["serve"],
+        &["check"],
+        &["credentials"],
+        &["credentials", "set"],
+        &["credentials", "status"],
+        &["token"],
+        &["token", "new"],
+        &["mock-knoq"],
+        &["demo"],
+    ];
+    for path in subcommands {
+        let out = Command::new(env!("CARGO_BIN_EXE_knoq-gateway"))
+            .args(*path)
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{path:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let mut section = "";
+        let mut seen = 0;
+        for (i, line) in lines.iter().enumerate() {
+            if !line.starts_with(' ') && line.ends_with(':') {
+                section = line;
+                continue;
+            }
+            let entry = line.trim_start();
+            let is_entry = match section {
+                "Options:" => entry.starts_with('-') && line.starts_with("  "),
+                "Commands:" | "Arguments:" => {
+                    line.starts_with("  ") && !line.starts_with("        ") && !entry.is_empty()
+                }
+                _ => false,
+            };
+            if !is_entry {
+                continue;
+            }
+            seen += 1;
+            // The description follows on the same line (after two spaces) or
+            // on the next, indented further.
+            let inline = entry
+                .split_once("  ")
+                .is_some_and(|(_, d)| !d.trim().is_empty());
+            let below = lines.get(i + 1).is_some_and(|next| {
+                next.starts_with("          ") && !next.trim_start().starts_with('-')
+            });
+            assert!(
+                inline || below,
+                "`knoq-gateway {} --help`: {entry:?} has no description\n{text}",
+                path.join(" ")
+            );
+        }
+        assert!(seen > 0, "{path:?}: nothing parsed in\n{text}");
+    }
+}
