@@ -170,6 +170,14 @@ struct PlainFields<'a, 'w> {
 }
 
 impl PlainFields<'_, '_> {
+    /// A number or a boolean: written as it is, unquoted.
+    fn bare(&mut self, field: &Field, value: impl fmt::Display) {
+        if self.result.is_err() {
+            return;
+        }
+        self.result = self.name(field).and_then(|()| write!(self.writer, "{value}"));
+    }
+
     fn name(&mut self, field: &Field) -> fmt::Result {
         if !std::mem::take(&mut self.first) {
             self.writer.write_char(' ')?;
@@ -268,30 +276,15 @@ impl Visit for PlainFields<'_, '_> {
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        if self.result.is_err() {
-            return;
-        }
-        self.result = self
-            .name(field)
-            .and_then(|()| write!(self.writer, "{value}"));
+        self.bare(field, value);
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        if self.result.is_err() {
-            return;
-        }
-        self.result = self
-            .name(field)
-            .and_then(|()| write!(self.writer, "{value}"));
+        self.bare(field, value);
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
-        if self.result.is_err() {
-            return;
-        }
-        self.result = self
-            .name(field)
-            .and_then(|()| write!(self.writer, "{value}"));
+        self.bare(field, value);
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
