@@ -175,7 +175,9 @@ impl PlainFields<'_, '_> {
         if self.result.is_err() {
             return;
         }
-        self.result = self.name(field).and_then(|()| write!(self.writer, "{value}"));
+        self.result = self
+            .name(field)
+            .and_then(|()| write!(self.writer, "{value}"));
     }
 
     fn name(&mut self, field: &Field) -> fmt::Result {
