@@ -139,6 +139,10 @@ pub struct UserCredential {
     status: Mutex<Status>,
     /// Serialises writers (rotation, reload) for this user.
     writer: tokio::sync::Mutex<()>,
+    /// Exchanges with Knoq in flight as this user, and a wake-up when one
+    /// ends: a 401 waits for them (see `mark_expired`).
+    sending: std::sync::atomic::AtomicUsize,
+    settled: tokio::sync::Notify,
 }
 
 impl fmt::Debug for UserCredential {
@@ -165,6 +169,22 @@ impl UserCredential {
 
     fn publish(&self, cookie: HeaderValue) {
         *self.cookie.write().unwrap_or_else(|p| p.into_inner()) = Some(cookie);
+    }
+}
+
+/// How long a 401 waits for the user's other exchanges in flight before it
+/// counts as an expiry (one of them may bring Knoq's rotated cookie).
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// An exchange with Knoq in flight as one user ([`Credentials::sending`]).
+pub struct Sending(Arc<UserCredential>);
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        self.0
+            .sending
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.settled.notify_waiters();
     }
 }
 
@@ -231,6 +251,8 @@ impl Credentials {
                 source: user.cookie.clone(),
                 status: Mutex::new(Status::default()),
                 writer: tokio::sync::Mutex::new(()),
+                sending: std::sync::atomic::AtomicUsize::new(0),
+                settled: tokio::sync::Notify::new(),
             });
             let Some((key, raw)) = source_value(i, &user.cookie, &env) else {
                 adopt(&cred, None, state);
@@ -282,6 +304,15 @@ impl Credentials {
         self.users.get(user).and_then(|c| c.cookie())
     }
 
+    /// Marks an exchange with Knoq as `user` in flight until the guard is
+    /// dropped (after its `Set-Cookie` lines were applied).
+    pub fn sending(&self, user: &str) -> Option<Sending> {
+        let cred = self.users.get(user)?.clone();
+        cred.sending
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Some(Sending(cred))
+    }
+
     /// Whether the user has a cookie now (no copy of it taken).
     pub fn has_cookie(&self, user: &str) -> bool {
         self.users.get(user).is_some_and(|c| {
@@ -316,6 +347,19 @@ impl Credentials {
         let Some(cred) = self.users.get(user) else {
             return false;
         };
+        // Knoq may have rotated the cookie in an answer to another request
+        // still on its way: it refuses the old cookie at once, so this 401
+        // may come before that answer. Let the exchanges in flight land
+        // (briefly) before calling it an expiry.
+        let deadline = tokio::time::Instant::now() + SETTLE;
+        while cred.sending.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            let settled = cred.settled.notified();
+            if cred.sending.load(std::sync::atomic::Ordering::SeqCst) == 0
+                || tokio::time::timeout_at(deadline, settled).await.is_err()
+            {
+                break;
+            }
+        }
         let _w = cred.writer.lock().await;
         self.adopt_if_replaced(cred);
         if cred.cookie().as_ref() != Some(sent) {

@@ -215,6 +215,12 @@ impl Knoq {
             Identity::Account { user, .. } => Some(*user),
             Identity::Scim(_) => None,
         };
+        // Counted from sending until its Set-Cookie lines are applied, so a
+        // 401 to another request can wait for a rotation on its way.
+        let sending = match who {
+            Identity::Account { user, credentials } => credentials.sending(user),
+            Identity::Scim(_) => None,
+        };
         let outcome = self.upstream.send(req, account, bound).await;
         self.record(route, started, &outcome);
         let failed = match &outcome {
@@ -242,6 +248,7 @@ impl Knoq {
                 .with_label_values(&[user])
                 .inc();
         }
+        drop(sending);
         if rsp.status() == StatusCode::UNAUTHORIZED {
             if credentials.mark_expired(user, &sent).await {
                 // Knoq's 401 is about the account's cookie, not the tool's
