@@ -803,8 +803,8 @@ pub fn status_from_files(config: &Config) -> Vec<UserStatus> {
                     (CredentialState::Expired, Origin::State, f.rotated_at)
                 }
                 (Some(f), _) => (CredentialState::Unchecked, Origin::State, f.rotated_at),
-                (None, Ok(_)) => (CredentialState::Unchecked, source_origin(&u.cookie), None),
-                (None, Err(_)) => (CredentialState::Missing, source_origin(&u.cookie), None),
+                (None, Ok(_)) => (CredentialState::Unchecked, origin(&u.cookie, false), None),
+                (None, Err(_)) => (CredentialState::Missing, origin(&u.cookie, false), None),
             };
             UserStatus {
                 user: u.name.clone(),
@@ -821,10 +821,6 @@ pub fn status_from_files(config: &Config) -> Vec<UserStatus> {
             .explained(&u.cookie)
         })
         .collect()
-}
-
-fn source_origin(source: &CookieSource) -> Origin {
-    origin(source, false)
 }
 
 fn origin(source: &CookieSource, from_state: bool) -> Origin {

@@ -204,16 +204,7 @@ async fn an_edited_cookie_file_wins_over_the_stored_copy() {
     )
     .await;
     assert_eq!(last_cookie(&bed), "knoq_session=bob-from-file-0003");
-    let admin = send(
-        &c,
-        req(
-            "GET",
-            &format!("http://{}/credentials", bed.admin),
-            None,
-            None,
-        ),
-    )
-    .await;
+    let admin = admin_get(bed.admin, "/credentials").await;
     let users = admin.json()["users"].clone();
     assert_eq!(users[1]["user"], "bob");
     assert_eq!(users[1]["source"], "file");

@@ -279,16 +279,7 @@ async fn a_cookie_file_made_unusable_is_reported_at_once_and_the_account_keeps_w
         metric(bed.admin, "knoq_gateway_problems{kind=\"cookie_source\"}").await,
         Some(1.0)
     );
-    let creds = send(
-        &c,
-        req(
-            "GET",
-            &format!("http://{}/credentials", bed.admin),
-            None,
-            None,
-        ),
-    )
-    .await;
+    let creds = admin_get(bed.admin, "/credentials").await;
     let alice_row = creds.json()["users"]
         .as_array()
         .unwrap()

@@ -523,3 +523,12 @@ pub async fn cli(args: &[&str], stdin: Option<&str>) -> CliRun {
     .await
     .unwrap()
 }
+
+/// `GET path` on an admin port.
+pub async fn admin_get(admin: SocketAddr, path: &str) -> Reply {
+    send(
+        &client(),
+        req("GET", &format!("http://{admin}{path}"), None, None),
+    )
+    .await
+}
