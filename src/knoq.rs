@@ -66,7 +66,7 @@ pub enum Identity<'a> {
     /// A Knoq account: its cookie as the credential store has it now.
     Account {
         user: &'a str,
-        credentials: &'a Credentials,
+        credentials: &'a Arc<Credentials>,
     },
     /// The organisation's SCIM token (no cookie, nothing to rotate).
     Scim(&'a HeaderValue),
@@ -241,14 +241,31 @@ impl Knoq {
             return Ok(Answer::Final(rsp));
         };
         let now = self.clock.now();
-        // Stored and published before anyone sees this answer.
-        if !set_cookies.is_empty() && credentials.apply_set_cookies(user, &set_cookies, now).await {
-            self.metrics
-                .cookie_rotations
-                .with_label_values(&[user])
-                .inc();
+        // Stored and published before anyone sees this answer, on a task
+        // of its own: Knoq may already have retired the old cookie, so a
+        // client that goes away now must not take the rotation with it
+        // (dropping this future would otherwise drop the half-done write).
+        if !set_cookies.is_empty() {
+            let credentials = Arc::clone(credentials);
+            let metrics = Arc::clone(&self.metrics);
+            let owner = user.to_string();
+            let applied = tokio::spawn(async move {
+                if credentials
+                    .apply_set_cookies(&owner, &set_cookies, now)
+                    .await
+                {
+                    metrics.cookie_rotations.with_label_values(&[&owner]).inc();
+                }
+                drop(sending);
+            });
+            // Only a runtime shutting down fails this; the task's own
+            // panic would be a bug that the error log line shows.
+            if let Err(e) = applied.await {
+                tracing::error!(user, error = %e, "applying Knoq's Set-Cookie failed");
+            }
+        } else {
+            drop(sending);
         }
-        drop(sending);
         if rsp.status() == StatusCode::UNAUTHORIZED {
             if credentials.mark_expired(user, &sent).await {
                 // Knoq's 401 is about the account's cookie, not the tool's
@@ -272,7 +289,7 @@ impl Knoq {
     pub async fn read(
         &self,
         user: &str,
-        credentials: &Credentials,
+        credentials: &Arc<Credentials>,
         quotas: &Quotas,
         route: Route,
         path_and_query: PathAndQuery,

@@ -23,6 +23,7 @@
 //! every read the gateway makes on its own (`knoq.rs`).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -52,7 +53,7 @@ pub enum Finding {
 
 pub struct Reconciler<'a> {
     pub knoq: &'a Knoq,
-    pub credentials: &'a Credentials,
+    pub credentials: &'a Arc<Credentials>,
     pub quotas: &'a Quotas,
     pub settle: Duration,
     pub user: &'a str,

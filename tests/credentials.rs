@@ -215,6 +215,39 @@ async fn an_edited_cookie_file_wins_over_the_stored_copy() {
     bed.shutdown().await;
 }
 
+/// The newest complete copy of alice's cookie among the state file and
+/// the temporary copies beside it: (value, generation of the value).
+fn kept_cookie(dir: &std::path::Path) -> (String, u32) {
+    let mut best: Option<(u64, String)> = None;
+    for entry in std::fs::read_dir(dir).unwrap().filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name != "alice.json" && !name.starts_with(".alice.json.tmp-") {
+            continue;
+        }
+        let Ok(json) = serde_json::from_slice::<serde_json::Value>(
+            &std::fs::read(entry.path()).unwrap_or_default(),
+        ) else {
+            continue; // a torn temporary copy, which the start discards
+        };
+        let cookie = json["cookie"].as_str().unwrap().to_string();
+        assert!(
+            cookie.starts_with("knoq_session=alice-gen-") && cookie.ends_with("; theme=dark"),
+            "{cookie}"
+        );
+        let generation = json["generation"].as_u64().unwrap();
+        if best.as_ref().is_none_or(|(g, _)| generation > *g) {
+            best = Some((generation, cookie));
+        }
+    }
+    let cookie = best.expect("a stored cookie exists").1;
+    let value = cookie
+        .trim_start_matches("knoq_session=")
+        .trim_end_matches("; theme=dark")
+        .to_string();
+    let generation = value.trim_start_matches("alice-gen-").parse().unwrap();
+    (value, generation)
+}
+
 /// Kill the gateway at arbitrary moments, with requests in flight, while
 /// Knoq rotates the cookie on every answer: the stored copy is always one
 /// whole cookie, and never older than the last rotation a client was
@@ -233,7 +266,8 @@ async fn kill_9_during_rotations_never_leaves_a_torn_or_stale_cookie() {
     let c = client();
     let generation = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
     for round in 0..6u64 {
-        let mut child = gw.spawn(Stdio::null());
+        let log = bed.dir.0.join(format!("kill-{round}.log"));
+        let mut child = gw.spawn(Stdio::from(std::fs::File::create(&log).unwrap()));
         gw.wait_healthy(&c).await;
         // Two clients keep requests in flight; each answer follows a rotation.
         let answered = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
@@ -269,17 +303,11 @@ async fn kill_9_during_rotations_never_leaves_a_torn_or_stale_cookie() {
         }
         child.wait().unwrap();
         let stored = std::fs::read(&state).expect("a stored cookie exists");
-        let json: serde_json::Value =
+        let _: serde_json::Value =
             serde_json::from_slice(&stored).expect("the stored copy is whole JSON");
-        let cookie = json["cookie"].as_str().unwrap();
-        let value = cookie
-            .trim_start_matches("knoq_session=")
-            .trim_end_matches("; theme=dark");
-        assert!(
-            value.starts_with("alice-gen-") && cookie.ends_with("; theme=dark"),
-            "{cookie}"
-        );
-        let stored_gen: u32 = value.trim_start_matches("alice-gen-").parse().unwrap();
+        // What the next start uses: the stored copy, or a complete copy a
+        // kill left before its rename (the start adopts the newest one).
+        let (value, stored_gen) = kept_cookie(state.parent().unwrap());
         // A rotation is stored before its answer, so nothing a client saw
         // answered can be older on disk... except a rotation issued to the
         // other client's request, in flight at the kill: allow that one.
@@ -287,8 +315,15 @@ async fn kill_9_during_rotations_never_leaves_a_torn_or_stale_cookie() {
             stored_gen + 2 >= seen_before_kill,
             "stored generation {stored_gen} is older than {seen_before_kill}"
         );
+        // Every rotation reached the requests after it: none of them was
+        // sent with a cookie Knoq had already retired and taken for expiry.
+        let said = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            !said.contains("Knoq rejected the session cookie"),
+            "round {round}: a rotation was lost and the cookie taken for expired:\n{said}"
+        );
         // Knoq accepts what the gateway kept, as it would the newest cookie.
-        bed.control.set_cookie("alice", value);
+        bed.control.set_cookie("alice", &value);
     }
     assert!(generation.load(std::sync::atomic::Ordering::SeqCst) > 6);
     bed.shutdown().await;
