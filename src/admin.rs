@@ -56,10 +56,21 @@ impl Admin {
             named(CredentialState::Expired),
             named(CredentialState::Missing),
         );
-        if expired.is_empty() && missing.is_empty() {
+        let store = match &self.live.services().shared {
+            None => json!({ "kind": "local" }),
+            Some(shared) if shared.is_up() => json!({ "kind": "redis", "mode": "shared" }),
+            Some(_) => json!({ "kind": "redis", "mode": "unavailable" }),
+        };
+        let store_down = self
+            .live
+            .services()
+            .shared
+            .as_ref()
+            .is_some_and(|s| !s.is_up());
+        if expired.is_empty() && missing.is_empty() && !store_down {
             json_rsp(
                 StatusCode::OK,
-                json!({ "status": "ready", "reload": reload, "problems": problems }),
+                json!({ "status": "ready", "reload": reload, "store": store, "problems": problems }),
             )
         } else {
             json_rsp(
@@ -69,6 +80,7 @@ impl Admin {
                     "credentials_expired": expired,
                     "credentials_missing": missing,
                     "reload": reload,
+                    "store": store,
                     "problems": problems,
                 }),
             )

@@ -39,7 +39,8 @@ use crate::inspect::HygieneRules;
 use crate::knoq::Knoq;
 use crate::metrics::Metrics;
 use crate::pipeline::Gateway;
-use crate::quota::{LocalStore, QuotaStore, Quotas, WaitQueues};
+use crate::quota::{LocalStore, QuotaStore, Quotas, SharedQuotaStore, StoreTime, WaitQueues};
+use crate::shared_store::{SharedStore, StoreSettings};
 use crate::shutdown::Drain;
 use crate::upstream::Upstream;
 
@@ -50,6 +51,8 @@ pub struct Services {
     pub inflight: Counters,
     pub metrics: Arc<Metrics>,
     pub store: Arc<dyn QuotaStore>,
+    /// The Redis every replica shares, when `[store] kind = "redis"`.
+    pub shared: Option<Arc<SharedStore>>,
     pub queues: WaitQueues,
     pub drain: Drain,
 }
@@ -161,6 +164,7 @@ pub fn for_online_check(config: Config, clock: Arc<dyn Clock>) -> Result<Gateway
         inflight: Counters::default(),
         metrics: Metrics::new(),
         store: Arc::new(LocalStore::in_memory(margin)),
+        shared: None,
         queues: WaitQueues::default(),
         drain: Drain::default(),
     };
@@ -185,7 +189,13 @@ pub fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, ConfigErr
     } else {
         LocalStore::inspect_dir(&config.state.dir).map(|()| None)
     }
-    .map_err(|e| problems.push(Problem::new("state.dir", e)))
+    .map_err(|e| {
+        let key = match config.store {
+            StoreSettings::Local => "state.dir",
+            StoreSettings::Redis(_) => "store.url",
+        };
+        problems.push(Problem::new(key, e))
+    })
     .ok()
     .flatten();
     let (Some(credentials), Some(server_tls), Some(client_tls), Some(store), true) = (
@@ -197,12 +207,17 @@ pub fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, ConfigErr
     ) else {
         return Err(problems.into());
     };
+    let (store, shared) = store;
     let metrics = Metrics::new();
+    if let Some(shared) = &shared {
+        metrics.register(shared.collectors());
+    }
     let services = Services {
         clock,
         inflight: Counters::default(),
         metrics,
         store,
+        shared,
         queues: WaitQueues::default(),
         drain: Drain::default(),
     };
@@ -265,6 +280,7 @@ pub fn restart_keys(running: &Config, new: &Config) -> Vec<&'static str> {
         ("admin.listen", running.admin.listen != new.admin.listen),
         ("server.tls_cert", running.server.tls != new.server.tls),
         ("state.dir", running.state.dir != new.state.dir),
+        ("store", running.store != new.store),
         ("log.format", running.log.format != new.log.format),
     ]
     .into_iter()
@@ -272,16 +288,29 @@ pub fn restart_keys(running: &Config, new: &Config) -> Vec<&'static str> {
     .collect()
 }
 
-/// The quota store the config asks for. Only the state directory's local
-/// store exists today; this is where a shared one will be chosen.
+/// A quota store, and the shared Redis behind it when there is one.
+type OpenedStore = (Arc<dyn QuotaStore>, Option<Arc<SharedStore>>);
+
+/// The quota store the config asks for: the state directory's journalled
+/// store, or the Redis every replica shares (connected lazily: a Redis
+/// that is away at start-up is reported, not fatal).
 fn open_store(
     config: &Config,
     policy: &crate::quota::Policy,
     now: Millis,
-) -> Result<Option<Arc<dyn QuotaStore>>, String> {
+) -> Result<Option<OpenedStore>, String> {
     let margin = config.quotas.margin.as_millis() as Millis;
-    let store = LocalStore::open_dir(&config.state.dir, policy, margin, now)?;
-    Ok(Some(Arc::new(store)))
+    match &config.store {
+        StoreSettings::Local => {
+            let store = LocalStore::open_dir(&config.state.dir, policy, margin, now)?;
+            Ok(Some((Arc::new(store), None)))
+        }
+        StoreSettings::Redis(settings) => {
+            let shared = Arc::new(SharedStore::connect(settings)?);
+            let store = SharedQuotaStore::new(shared.clone(), margin, StoreTime::Server);
+            Ok(Some((Arc::new(store), Some(shared))))
+        }
+    }
 }
 
 /// The forwarder and its Knoq client for the `[upstream]`, `[retry]` and

@@ -299,6 +299,10 @@ fn check(path: &Path, online: bool) -> ExitCode {
 }
 
 fn serve(path: &Path) -> ExitCode {
+    // Inside the runtime from the start: the shared store's connection
+    // (made lazily, in the background) belongs to it.
+    let runtime = runtime();
+    let _inside = runtime.enter();
     let prepared = match Config::load(path).and_then(crate::prepare) {
         Ok(p) => p,
         Err(e) => {
@@ -307,7 +311,7 @@ fn serve(path: &Path) -> ExitCode {
         }
     };
     crate::logging::init(&prepared.config.log);
-    runtime().block_on(async move {
+    runtime.block_on(async move {
         let server = &prepared.config.server;
         let bind = |addr: SocketAddr, what: &'static str| async move {
             tokio::net::TcpListener::bind(addr)

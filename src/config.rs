@@ -28,6 +28,7 @@ use serde::Deserialize;
 use crate::clock::Millis;
 use crate::quota::window::Window;
 use crate::quota::{Bucket, BucketOverrides, BucketWindows};
+use crate::shared_store::{OnStoreError, RedisSettings, StoreSettings};
 use crate::units::{parse_duration, parse_size};
 use crate::upstream::retry::Backoff;
 
@@ -83,6 +84,9 @@ pub const DEFAULT_RETRY_BUDGET_FLOOR: u32 = 10;
 pub const DEFAULT_RECONCILE_SETTLE: &str = "2s";
 pub const DEFAULT_CIRCUIT_FAILURES: u32 = 5;
 pub const DEFAULT_CIRCUIT_OPEN_FOR: &str = "10s";
+/// A loopback or same-zone Redis answers in well under a millisecond.
+pub const DEFAULT_STORE_TIMEOUT: &str = "50ms";
+pub const DEFAULT_STORE_PREFIX: &str = "kgw:";
 
 // === Raw layer: exactly what the file says ===
 
@@ -107,6 +111,8 @@ struct RawConfig {
     retry: RawRetry,
     #[serde(default)]
     circuit: RawCircuit,
+    #[serde(default)]
+    store: RawStore,
     #[serde(default)]
     users: Vec<RawUser>,
     #[serde(default)]
@@ -207,6 +213,17 @@ struct RawCircuit {
     open_for: Option<String>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    kind: Option<String>,
+    url: Option<String>,
+    password_file: Option<PathBuf>,
+    key_prefix: Option<String>,
+    timeout: Option<String>,
+    on_error: Option<String>,
+}
+
 /// Windows per bucket, e.g. `message = ["60/min", "5000/month"]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -255,6 +272,9 @@ pub struct Config {
     pub quotas: QuotaConfig,
     pub retry: RetryConfig,
     pub circuit: CircuitConfig,
+    /// `[store]`: where quotas live (the state directory, or a Redis every
+    /// replica shares).
+    pub store: StoreSettings,
     pub users: Vec<UserConfig>,
     pub tokens: Vec<TokenConfig>,
 }
@@ -746,6 +766,8 @@ impl RawConfig {
             ),
         };
 
+        let store = self.store.validate(&mut c);
+
         let mut users = Vec::with_capacity(self.users.len());
         let mut user_names = HashSet::new();
         for (i, u) in self.users.into_iter().enumerate() {
@@ -880,10 +902,122 @@ impl RawConfig {
             quotas,
             retry,
             circuit,
+            store,
             users,
             tokens,
         })
     }
+}
+
+impl RawStore {
+    fn validate(self, c: &mut Checker<'_>) -> StoreSettings {
+        let redis = match self.kind.as_deref() {
+            None | Some("local") => false,
+            Some("redis") => true,
+            Some(other) => {
+                c.problem(
+                    "store.kind",
+                    format!("\"{other}\" is not a store; use \"local\" (the state directory) or \"redis\" (shared by every replica)"),
+                );
+                false
+            }
+        };
+        let timeout = c.positive_duration(
+            "store.timeout",
+            self.timeout.as_deref(),
+            DEFAULT_STORE_TIMEOUT,
+        );
+        if timeout > Duration::from_secs(10) {
+            c.problem(
+                "store.timeout",
+                "is too long: every metered request may wait this long; at most \"10s\"",
+            );
+        }
+        let on_error = match self.on_error.as_deref() {
+            None | Some("reject") => OnStoreError::Reject,
+            Some(other) => {
+                c.problem(
+                    "store.on_error",
+                    format!("\"{other}\" is not a failure policy; use \"reject\""),
+                );
+                OnStoreError::Reject
+            }
+        };
+        let key_prefix = self
+            .key_prefix
+            .unwrap_or_else(|| DEFAULT_STORE_PREFIX.to_string());
+        if key_prefix
+            .bytes()
+            .any(|b| b == b'{' || b == b'}' || !b.is_ascii_graphic())
+        {
+            c.problem(
+                "store.key_prefix",
+                "must be printable ASCII without spaces or braces (the braces hold each account's Redis Cluster hash tag)",
+            );
+        }
+        if !redis {
+            for (key, set) in [
+                ("store.url", self.url.is_some()),
+                ("store.password_file", self.password_file.is_some()),
+            ] {
+                if set {
+                    c.problem(key, "applies only with store.kind = \"redis\"");
+                }
+            }
+            return StoreSettings::Local;
+        }
+        let url = match self.url {
+            None => {
+                c.problem(
+                    "store.url",
+                    "store.kind = \"redis\" needs the server's URL, e.g. \"redis://127.0.0.1:6379/0\"",
+                );
+                String::new()
+            }
+            Some(url) => {
+                match check_redis_url(&url) {
+                    Ok(()) => {}
+                    Err(e) => c.problem("store.url", e),
+                }
+                url
+            }
+        };
+        StoreSettings::Redis(RedisSettings {
+            url,
+            password_file: self.password_file.as_deref().map(|p| c.path(p)),
+            key_prefix,
+            timeout,
+            on_error,
+        })
+    }
+}
+
+/// `redis://host:port/db` or `rediss://…`, with no password in it (it
+/// belongs in `store.password_file`, so it is never in a log or a diff).
+/// The message never repeats the URL, which may hold a secret.
+fn check_redis_url(url: &str) -> Result<(), String> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err("must look like \"redis://127.0.0.1:6379/0\" (or rediss:// for TLS)".into());
+    };
+    if scheme != "redis" && scheme != "rediss" {
+        return Err(format!(
+            "the scheme \"{scheme}\" is not redis:// or rediss://"
+        ));
+    }
+    let authority = rest.split('/').next().unwrap_or_default();
+    if let Some((userinfo, _)) = authority.rsplit_once('@') {
+        if userinfo.contains(':') {
+            return Err(
+                "holds a password: put it in store.password_file (one line, mode 0600) and leave it out of the URL".into(),
+            );
+        }
+    }
+    if authority.rsplit('@').next().unwrap_or_default().is_empty() {
+        return Err("names no host".into());
+    }
+    redis::IntoConnectionInfo::into_connection_info(url)
+        .map(drop)
+        .map_err(|e| format!("is not a Redis URL: {e}"))
 }
 
 impl RawBucketQuotas {

@@ -19,12 +19,13 @@ use crate::reload::Live;
 pub const EXPIRY_NOTICE_MS: Millis = 14 * 24 * 3600 * 1000;
 
 /// The kinds, each a series of `knoq_gateway_problems` (0 when none).
-pub const KINDS: [&str; 7] = [
+pub const KINDS: [&str; 8] = [
     "credential_expired",
     "credential_missing",
     "cookie_source",
     "reload_rejected",
     "restart_pending",
+    "store_unavailable",
     "token_expiring",
     "token_expired",
 ];
@@ -55,6 +56,15 @@ pub fn of_live(live: &Live) -> Vec<Problem> {
             subject: key.to_string(),
             message: format!("{key} changed in the config file but applies only after a restart"),
         });
+    }
+    if let Some(shared) = &live.services().shared {
+        if !shared.is_up() {
+            all.push(Problem {
+                kind: "store_unavailable",
+                subject: "store".into(),
+                message: "the shared store (Redis) does not answer within store.timeout; metered requests get 503 quota_store_unavailable until it does".into(),
+            });
+        }
     }
     all.extend(of_tokens(&gateway.config, gateway.clock.now()));
     all

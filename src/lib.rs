@@ -40,6 +40,7 @@
 //! | [`route`] | normal-form path check and endpoint classification |
 //! | `cookies` | `Set-Cookie` parsing and merging |
 //! | `body` | body types and bounds (JSON, deadline, idle gap, in-flight guard) |
+//! | [`shared_store`] | the Redis every replica shares: connection, key layout, per-call deadline, health, metrics |
 //! | `secrets` | reading secret files (mode and symlink checks) |
 //! | `state` | the state directory; atomic, durable file replacement |
 //! | `shutdown` | the signals that end the process; the drain latch |
@@ -95,6 +96,7 @@ pub mod route;
 mod secrets;
 mod server;
 mod service;
+pub mod shared_store;
 mod shutdown;
 mod state;
 pub mod tls;
@@ -183,6 +185,7 @@ pub async fn run(
     };
     let stop_rx_watch = stop_rx.clone();
     let stop_rx_probe = stop_rx.clone();
+    let stop_rx_store = stop_rx.clone();
     let proxy_task = server::serve(
         proxy,
         prepared.live.clone(),
@@ -196,6 +199,12 @@ pub async fn run(
         .clone()
         .watch(prepared.config.source.clone(), stopped(stop_rx_watch));
     let probes = prepared.live.clone().probe_loop(stopped(stop_rx_probe));
+    let shared = prepared.live.services().shared.clone();
+    let heartbeat = async move {
+        if let Some(shared) = shared {
+            shared.heartbeat(stopped(stop_rx_store)).await;
+        }
+    };
     let ready = async { service::ready() };
     let signal = async move {
         shutdown.await;
@@ -203,7 +212,7 @@ pub async fn run(
         live.services().drain.begin();
         let _ = stop_tx.send(true);
     };
-    tokio::join!(proxy_task, admin_task, ready, signal, watch, probes);
+    tokio::join!(proxy_task, admin_task, ready, signal, watch, probes, heartbeat);
 }
 
 #[cfg(test)]

@@ -104,6 +104,16 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
 // === impl Metrics ===
 
 impl Metrics {
+    /// Adds series that another part owns and records (the shared
+    /// store's), so one scrape shows them beside these.
+    pub fn register(&self, collectors: Vec<Box<dyn prometheus::core::Collector>>) {
+        for c in collectors {
+            self.registry
+                .register(c)
+                .expect("each metric name is registered once");
+        }
+    }
+
     pub fn new() -> Arc<Metrics> {
         let r = Registry::new();
         let m = Metrics {

@@ -10,18 +10,63 @@ use std::time::Duration;
 use knoq_sim::{Fault, SimLimits, SimRoute, Window};
 use support::*;
 
+/// Each behaviour, once on the local store (the state directory) and once
+/// on a real Redis shared store: the same answers from both.
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod local {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(None).await
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(Some(super::RedisServer::start())).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_stores!(
+    concurrent_requests_from_ten_tokens_admit_exactly_the_limit,
+    admitted_responses_carry_ratelimit_headers_for_the_tightest_window,
+    consumed_quota_survives_a_restart,
+    consumed_quota_survives_kill_9,
+    knoqs_own_429_passes_through_and_holds_the_bucket,
+    soak_knoq_never_rate_limits_and_the_windows_are_used,
+);
+
+/// The `[store]` section for a bed: none (local), or the Redis server's.
+fn store_toml(redis: &Option<RedisServer>) -> String {
+    match redis {
+        None => String::new(),
+        Some(r) => format!(
+            "[store]\nkind = \"redis\"\nurl = \"{}\"\ntimeout = \"500ms\"\n",
+            r.url()
+        ),
+    }
+}
+
 /// The opening text of the sessions these tests open.
 const OPENING: &str = "quota test";
 
-#[tokio::test]
-async fn concurrent_requests_from_ten_tokens_admit_exactly_the_limit() {
+async fn concurrent_requests_from_ten_tokens_admit_exactly_the_limit(redis: Option<RedisServer>) {
     let extra: Vec<_> = ["t0", "t1", "t2", "t3", "t4", "t5", "t6", "t7", "t8", "t9"]
         .into_iter()
         .map(|n| (n, "alice", String::new()))
         .collect();
     let bed = BedBuilder {
         // An hour-long window cannot free a slot while the test runs.
-        tail_toml: "[quotas]\nmessage = [\"37/hour\"]\n".into(),
+        tail_toml: format!("[quotas]\nmessage = [\"37/hour\"]\n{}", store_toml(&redis)),
+        // All 200 at once: with a store across a network they overlap, and
+        // the per-account in-flight cap (100) would refuse some first.
+        server_toml: "max_inflight_per_user = 200\n".into(),
         extra_tokens: extra,
         ..TestBed::builder()
     }
@@ -80,10 +125,14 @@ async fn concurrent_requests_from_ten_tokens_admit_exactly_the_limit() {
     bed.shutdown().await;
 }
 
-#[tokio::test]
-async fn admitted_responses_carry_ratelimit_headers_for_the_tightest_window() {
+async fn admitted_responses_carry_ratelimit_headers_for_the_tightest_window(
+    redis: Option<RedisServer>,
+) {
     let bed = BedBuilder {
-        tail_toml: "[quotas]\nsession = [\"10/min\", \"20/hour\"]\n".into(),
+        tail_toml: format!(
+            "[quotas]\nsession = [\"10/min\", \"20/hour\"]\n{}",
+            store_toml(&redis)
+        ),
         extra_tokens: vec![(
             "tight",
             "alice",
@@ -125,10 +174,9 @@ async fn admitted_responses_carry_ratelimit_headers_for_the_tightest_window() {
     bed.shutdown().await;
 }
 
-#[tokio::test]
-async fn consumed_quota_survives_a_restart() {
+async fn consumed_quota_survives_a_restart(redis: Option<RedisServer>) {
     let mut bed = BedBuilder {
-        tail_toml: "[quotas]\nmessage = [\"3/hour\"]\n".into(),
+        tail_toml: format!("[quotas]\nmessage = [\"3/hour\"]\n{}", store_toml(&redis)),
         ..TestBed::builder()
     }
     .start()
@@ -178,10 +226,9 @@ async fn a_damaged_journal_stops_start_up_with_a_clear_message() {
 
 /// `kill -9` the real binary right after it admitted requests; the new
 /// process still refuses the next one.
-#[tokio::test]
-async fn consumed_quota_survives_kill_9() {
+async fn consumed_quota_survives_kill_9(redis: Option<RedisServer>) {
     let bed = BedBuilder {
-        tail_toml: "[quotas]\nmessage = [\"4/hour\"]\n".into(),
+        tail_toml: format!("[quotas]\nmessage = [\"4/hour\"]\n{}", store_toml(&redis)),
         ..TestBed::builder()
     }
     .start()
@@ -226,9 +273,13 @@ async fn consumed_quota_survives_kill_9() {
     bed.shutdown().await;
 }
 
-#[tokio::test]
-async fn knoqs_own_429_passes_through_and_holds_the_bucket() {
-    let bed = TestBed::start().await;
+async fn knoqs_own_429_passes_through_and_holds_the_bucket(redis: Option<RedisServer>) {
+    let bed = BedBuilder {
+        tail_toml: store_toml(&redis),
+        ..TestBed::builder()
+    }
+    .start()
+    .await;
     let sid = bed.open_session("alice-svc", OPENING).await;
     bed.control.fail_next(
         SimRoute::MessageSend,
@@ -282,8 +333,7 @@ async fn knoqs_own_429_passes_through_and_holds_the_bucket() {
 /// a bounded time; the simulated Knoq enforces the same (scaled) limit on
 /// arrival. Knoq must never answer 429, and the gateway must still admit as
 /// many as the windows allow, less only what the margin costs.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn soak_knoq_never_rate_limits_and_the_windows_are_used() {
+async fn soak_knoq_never_rate_limits_and_the_windows_are_used(redis: Option<RedisServer>) {
     let mut sim = sim_config();
     sim.limits = SimLimits {
         message: vec![Window {
@@ -295,7 +345,10 @@ async fn soak_knoq_never_rate_limits_and_the_windows_are_used() {
     sim.agent_delay = Duration::from_millis(1);
     let bed = BedBuilder {
         sim,
-        tail_toml: "[quotas]\nmessage = [\"5/sec\"]\nmargin = \"300ms\"\n".into(),
+        tail_toml: format!(
+            "[quotas]\nmessage = [\"5/sec\"]\nmargin = \"300ms\"\n{}",
+            store_toml(&redis)
+        ),
         ..TestBed::builder()
     }
     .start()

@@ -18,6 +18,7 @@
 //! route has no bucket; `Err(QuotaExceeded)` becomes a 429 in `error.rs`.
 
 pub mod journal;
+pub mod shared;
 pub mod store;
 pub mod window;
 
@@ -33,6 +34,7 @@ use crate::clock::{Clock, Millis};
 use crate::route::Route;
 use window::Window;
 
+pub use shared::{SharedQuotaStore, StoreTime};
 pub use store::{Demand, LocalStore, QuotaStore, StoreError};
 
 /// A group of Knoq endpoints that share a limit.

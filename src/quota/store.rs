@@ -36,15 +36,7 @@ pub struct Demand<'a> {
     pub token_windows: &'a [Window],
 }
 
-/// The store could not decide (a shared store unreachable or too slow).
-/// The local store never fails this way.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("the quota store did not answer within {0:?}")]
-    Timeout(std::time::Duration),
-    #[error("the quota store failed")]
-    Failed(#[source] Box<dyn std::error::Error + Send + Sync>),
-}
+pub use crate::shared_store::StoreError;
 
 /// What a store call returns: a future, so a networked store can wait
 /// without holding a thread, boxed so the trait can be a `dyn` seam.

@@ -1,0 +1,304 @@
+//! The store every replica shares (`[store] kind = "redis"`): one Redis
+//! connection per process, the key layout, a deadline on every call, the
+//! store's health as operators see it, and its metrics.
+//!
+//! What is kept there belongs to the parts that use it (the quota windows
+//! to `quota::shared`); this module only knows how to reach Redis, how
+//! long to wait, and what to tell when it cannot. Every call is bounded
+//! by `timeout`: past it, the call has failed ([`StoreError::Timeout`]),
+//! whatever Redis does later, so no request ever waits on a paused or
+//! unreachable server. The connection is made lazily and remade in the
+//! background (redis-rs's `ConnectionManager`), so the gateway starts,
+//! and says it is not ready, while Redis is away.
+//!
+//! Keys: `<key_prefix>{<account>}:<what>`. The account's name is the hash
+//! tag, so everything one request touches lives in one Redis Cluster slot
+//! and one script can change it atomically.
+//!
+//! Secrets: a password comes only from `password_file` (a URL with one in
+//! it is refused by the config), and neither the URL nor any value stored
+//! is ever logged or exported.
+
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use prometheus::core::Collector;
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts};
+use redis::aio::ConnectionManager;
+
+/// Store-call latency buckets, 100 µs to 1 s: a loopback Redis answers in
+/// well under a millisecond, and `timeout` is tens of milliseconds.
+const BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+/// The store operations, for the `op` label (a fixed set).
+pub const OPS: [&str; 4] = ["acquire", "check", "cool_down", "ping"];
+
+/// How often an idle gateway asks Redis whether it is there, so health
+/// and `/readyz` are current without traffic.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// `[store]`, as the config validated it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum StoreSettings {
+    /// The state directory (the default): this process alone.
+    #[default]
+    Local,
+    Redis(RedisSettings),
+}
+
+/// What a store call does when Redis fails or is too slow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStoreError {
+    /// Refuse the request (503 `quota_store_unavailable`): never risk
+    /// Knoq's limits.
+    Reject,
+}
+
+#[derive(Clone, PartialEq)]
+pub struct RedisSettings {
+    /// `redis://` or `rediss://`, never with a password in it.
+    pub url: String,
+    pub password_file: Option<PathBuf>,
+    pub key_prefix: String,
+    /// The longest one store call may take.
+    pub timeout: Duration,
+    pub on_error: OnStoreError,
+}
+
+impl fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &self.url)
+            .field("password_file", &self.password_file)
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout", &self.timeout)
+            .field("on_error", &self.on_error)
+            .finish()
+    }
+}
+
+/// The store could not decide (unreachable, too slow, or refused the
+/// call). The local store never fails this way.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the quota store did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the quota store failed")]
+    Failed(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// The store's series, registered by whoever owns the registry.
+#[derive(Clone)]
+struct Instruments {
+    up: IntGauge,
+    errors: IntCounterVec,
+    duration: HistogramVec,
+}
+
+impl Instruments {
+    fn new() -> Self {
+        let up = IntGauge::new(
+            "knoq_gateway_store_up",
+            "1 while the shared store (Redis) answered its last call in time.",
+        )
+        .expect("static metric options are valid");
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "knoq_gateway_store_errors_total",
+                "Shared-store calls that failed or passed store.timeout, by operation.",
+            ),
+            &["op"],
+        )
+        .expect("static metric options are valid");
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "knoq_gateway_store_duration_seconds",
+                "Time of each shared-store call, by operation, failures included.",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["op"],
+        )
+        .expect("static metric options are valid");
+        // Every series exists from the start, so a dashboard shows zeros.
+        for op in OPS {
+            errors.with_label_values(&[op]);
+            duration.with_label_values(&[op]);
+        }
+        Instruments {
+            up,
+            errors,
+            duration,
+        }
+    }
+}
+
+/// A connection to the shared Redis and the rules for using it.
+pub struct SharedStore {
+    connection: ConnectionManager,
+    prefix: String,
+    timeout: Duration,
+    on_error: OnStoreError,
+    /// Whether the last call answered in time: a change is logged once.
+    up: AtomicBool,
+    instruments: Instruments,
+}
+
+impl fmt::Debug for SharedStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedStore")
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+// === impl SharedStore ===
+
+impl SharedStore {
+    /// Prepares the connection without making it (it is made on the first
+    /// call, and remade after any failure). Fails only on settings that
+    /// cannot work: an unreadable password file, an unusable URL.
+    pub fn connect(settings: &RedisSettings) -> Result<SharedStore, String> {
+        // rediss:// goes through rustls, which redis-rs asks for the
+        // process's provider: ours is ring.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut info = redis::IntoConnectionInfo::into_connection_info(settings.url.as_str())
+            .map_err(|e| format!("store.url is not a Redis URL: {e}"))?;
+        if let Some(path) = &settings.password_file {
+            let password = crate::secrets::read_secret_line(path)?;
+            let redis = info.redis_settings().clone().set_password(password);
+            info = info.set_redis_settings(redis);
+        }
+        let client = redis::Client::open(info).map_err(|e| format!("store.url: {e}"))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(settings.timeout))
+            .set_connection_timeout(Some(settings.timeout.max(Duration::from_millis(500))))
+            // Reconnects keep being tried in the background; a call never
+            // waits for them longer than `timeout`.
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let connection = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| format!("store.url: {e}"))?;
+        let instruments = Instruments::new();
+        Ok(SharedStore {
+            connection,
+            prefix: settings.key_prefix.clone(),
+            timeout: settings.timeout,
+            on_error: settings.on_error,
+            up: AtomicBool::new(true),
+            instruments,
+        })
+    }
+
+    /// `<prefix>{<account>}:<what>`: every key of one account in one slot.
+    pub fn key(&self, account: &str, what: &str) -> String {
+        format!("{}{{{account}}}:{what}", self.prefix)
+    }
+
+    pub fn on_error(&self) -> OnStoreError {
+        self.on_error
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Whether the last call answered in time.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// The series to register: `knoq_gateway_store_*`.
+    pub fn collectors(&self) -> Vec<Box<dyn Collector>> {
+        let i = &self.instruments;
+        vec![
+            Box::new(i.up.clone()),
+            Box::new(i.errors.clone()),
+            Box::new(i.duration.clone()),
+        ]
+    }
+
+    /// Runs one call on the shared connection, within `timeout` from now
+    /// (however many attempts `call` makes inside it), and keeps the
+    /// store's health and metrics.
+    pub async fn call<T, F, Fut>(&self, op: &'static str, call: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(self.timeout, call(self.connection.clone())).await;
+        self.instruments
+            .duration
+            .with_label_values(&[op])
+            .observe(started.elapsed().as_secs_f64());
+        let result = match outcome {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) if e.is_timeout() => Err(StoreError::Timeout(self.timeout)),
+            Ok(Err(e)) => Err(StoreError::Failed(Box::new(e))),
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        };
+        self.note(op, &result);
+        result
+    }
+
+    /// PINGs Redis every [`HEARTBEAT`] until `stop` resolves, so the
+    /// store's health follows Redis even while no request needs it.
+    pub async fn heartbeat(&self, stop: impl Future<Output = ()>) {
+        let beat = async {
+            let mut tick = tokio::time::interval(HEARTBEAT);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let _ = self
+                    .call("ping", |mut c| async move {
+                        redis::cmd("PING").query_async::<String>(&mut c).await
+                    })
+                    .await;
+            }
+        };
+        tokio::select! {
+            () = stop => {}
+            () = beat => {}
+        }
+    }
+
+    /// One line per change of the store's health, never one per request.
+    fn note<T>(&self, op: &'static str, result: &Result<T, StoreError>) {
+        match result {
+            Ok(_) => {
+                self.instruments.up.set(1);
+                if !self.up.swap(true, Ordering::Relaxed) {
+                    tracing::info!("the shared store (Redis) answers again; quotas are shared across replicas again");
+                }
+            }
+            Err(e) => {
+                self.instruments.up.set(0);
+                self.instruments.errors.with_label_values(&[op]).inc();
+                if self.up.swap(false, Ordering::Relaxed) {
+                    let error = match e {
+                        StoreError::Failed(source) => source.to_string(),
+                        StoreError::Timeout(_) => e.to_string(),
+                    };
+                    tracing::error!(
+                        op,
+                        error = %error,
+                        "the shared store (Redis) failed; metered requests are refused (503 quota_store_unavailable) until it answers"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Whether a failed call may be tried again with the same arguments:
+/// the connection broke, so the call may or may not have run (every call
+/// that is retried is idempotent).
+pub fn retryable(e: &redis::RedisError) -> bool {
+    e.is_connection_dropped() || e.is_io_error()
+}
