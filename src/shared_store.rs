@@ -59,7 +59,9 @@ pub enum OnStoreError {
     Reject,
 }
 
-#[derive(Clone, PartialEq)]
+/// Nothing secret here: the URL never holds a password (the config
+/// refuses one), and the password file is only named.
+#[derive(Debug, Clone, PartialEq)]
 pub struct RedisSettings {
     /// `redis://` or `rediss://`, never with a password in it.
     pub url: String,
@@ -68,18 +70,6 @@ pub struct RedisSettings {
     /// The longest one store call may take.
     pub timeout: Duration,
     pub on_error: OnStoreError,
-}
-
-impl fmt::Debug for RedisSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisSettings")
-            .field("url", &self.url)
-            .field("password_file", &self.password_file)
-            .field("key_prefix", &self.key_prefix)
-            .field("timeout", &self.timeout)
-            .field("on_error", &self.on_error)
-            .finish()
-    }
 }
 
 /// The store could not decide (unreachable, too slow, or refused the

@@ -122,6 +122,21 @@ pub struct Standing {
     pub reset_ms: Millis,
 }
 
+impl Standing {
+    /// Keeps the tighter of `tightest` and `candidate`: least remaining,
+    /// then longest to reset (what the `RateLimit` headers show). Every
+    /// store picks its grant's window this way.
+    pub fn keep_tightest(tightest: &mut Option<Standing>, candidate: Standing) {
+        let tighter = tightest.as_ref().is_none_or(|t| {
+            (candidate.remaining, std::cmp::Reverse(candidate.reset_ms))
+                < (t.remaining, std::cmp::Reverse(t.reset_ms))
+        });
+        if tighter {
+            *tightest = Some(candidate);
+        }
+    }
+}
+
 /// An admitted request: the tightest of the windows it was checked against.
 #[derive(Debug, Clone)]
 pub struct Grant {

@@ -216,19 +216,16 @@ impl SharedQuotaStore {
                     },
                 );
             }
-            let tighter = tightest.as_ref().is_none_or(|t| {
-                (remaining, std::cmp::Reverse(reset_ms))
-                    < (t.remaining, std::cmp::Reverse(t.reset_ms))
-            });
-            if tighter {
-                tightest = Some(Standing {
+            Standing::keep_tightest(
+                &mut tightest,
+                Standing {
                     bucket: demand.bucket,
                     scope: *scope,
                     window: Some((*w).clone()),
                     remaining,
                     reset_ms,
-                });
-            }
+                },
+            );
         }
         Grant { tightest }
     }

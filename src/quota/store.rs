@@ -382,19 +382,16 @@ impl LocalStore {
                 let l = ledger(state, scope, demand.token, key, w);
                 let (remaining, reset_ms) =
                     (l.remaining(w, margin, now), l.reset_in(w, margin, now));
-                let tighter = tightest.as_ref().is_none_or(|t| {
-                    (remaining, std::cmp::Reverse(reset_ms))
-                        < (t.remaining, std::cmp::Reverse(t.reset_ms))
-                });
-                if tighter {
-                    tightest = Some(Standing {
+                Standing::keep_tightest(
+                    &mut tightest,
+                    Standing {
                         bucket: demand.bucket,
                         scope,
                         window: Some(w.clone()),
                         remaining,
                         reset_ms,
-                    });
-                }
+                    },
+                );
             }
             Ok(Grant { tightest })
         })
