@@ -33,6 +33,7 @@ use crate::admission::Counters;
 use crate::auth::{Principal, TokenTable};
 use crate::clock::{Clock, Millis};
 use crate::config::{Config, ConfigError, Problem};
+use crate::cookie_vault::Vault;
 use crate::credentials::Credentials;
 use crate::forward::Forwarder;
 use crate::inspect::HygieneRules;
@@ -53,6 +54,8 @@ pub struct Services {
     pub store: Arc<dyn QuotaStore>,
     /// The Redis every replica shares, when `[store] kind = "redis"`.
     pub shared: Option<Arc<SharedStore>>,
+    /// Every account's cookie as the replicas share it (with `shared`).
+    pub vault: Option<Arc<Vault>>,
     pub queues: WaitQueues,
     pub drain: Drain,
 }
@@ -132,6 +135,11 @@ pub fn check(config: &Config) -> Result<(), ConfigError> {
     if let Err(e) = LocalStore::inspect_dir(&config.state.dir) {
         problems.push(Problem::new("state.dir", e));
     }
+    if let StoreSettings::Redis(settings) = &config.store {
+        if let Err(e) = crate::cookie_vault::read_key(&settings.secret_key_file) {
+            problems.push(Problem::new("store.secret_key_file", e));
+        }
+    }
     if problems.is_empty() {
         Ok(())
     } else {
@@ -165,6 +173,7 @@ pub fn for_online_check(config: Config, clock: Arc<dyn Clock>) -> Result<Gateway
         metrics: Metrics::new(),
         store: Arc::new(LocalStore::in_memory(margin)),
         shared: None,
+        vault: None,
         queues: WaitQueues::default(),
         drain: Drain::default(),
     };
@@ -198,16 +207,29 @@ pub fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, ConfigErr
     })
     .ok()
     .flatten();
-    let (Some(credentials), Some(server_tls), Some(client_tls), Some(store), true) = (
+    let vault = match (&config.store, &store) {
+        (StoreSettings::Redis(settings), Some((_, Some(shared)))) => {
+            crate::cookie_vault::read_key(&settings.secret_key_file)
+                .map(|key| Some(Arc::new(Vault::new(shared.clone(), &key))))
+                .map_err(|e| problems.push(Problem::new("store.secret_key_file", e)))
+                .ok()
+        }
+        _ => Some(None),
+    };
+    let (Some(mut credentials), Some(server_tls), Some(client_tls), Some(store), Some(vault), true) = (
         files.credentials,
         files.server_tls,
         files.client_tls,
         store,
+        vault,
         problems.is_empty(),
     ) else {
         return Err(problems.into());
     };
     let (store, shared) = store;
+    if let Some(vault) = &vault {
+        credentials.share_through(vault.clone());
+    }
     let metrics = Metrics::new();
     if let Some(shared) = &shared {
         metrics.register(shared.collectors());
@@ -218,6 +240,7 @@ pub fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, ConfigErr
         metrics,
         store,
         shared,
+        vault,
         queues: WaitQueues::default(),
         drain: Drain::default(),
     };

@@ -222,6 +222,7 @@ struct RawStore {
     key_prefix: Option<String>,
     timeout: Option<String>,
     on_error: Option<String>,
+    secret_key_file: Option<PathBuf>,
 }
 
 /// Windows per bucket, e.g. `message = ["60/min", "5000/month"]`.
@@ -959,6 +960,7 @@ impl RawStore {
             for (key, set) in [
                 ("store.url", self.url.is_some()),
                 ("store.password_file", self.password_file.is_some()),
+                ("store.secret_key_file", self.secret_key_file.is_some()),
             ] {
                 if set {
                     c.problem(key, "applies only with store.kind = \"redis\"");
@@ -982,9 +984,20 @@ impl RawStore {
                 url
             }
         };
+        let secret_key_file = match self.secret_key_file {
+            Some(p) => c.path(&p),
+            None => {
+                c.problem(
+                    "store.secret_key_file",
+                    "store.kind = \"redis\" needs a key to encrypt the cookies it shares: 32 random bytes in a file of mode 0600, e.g. `head -c 32 /dev/urandom > secrets/store.key`",
+                );
+                PathBuf::new()
+            }
+        };
         StoreSettings::Redis(RedisSettings {
             url,
             password_file: self.password_file.as_deref().map(|p| c.path(p)),
+            secret_key_file,
             key_prefix,
             timeout,
             on_error,

@@ -40,6 +40,7 @@ use sha2::{Digest, Sha256};
 
 use crate::clock::Millis;
 use crate::config::{Config, CookieSource, Problem};
+use crate::cookie_vault::{Cas, Shared, Vault, VaultError};
 use crate::cookies;
 use crate::secrets::{read_secret_file, read_secret_line};
 
@@ -101,6 +102,11 @@ pub struct UserStatus {
     /// fail), while the account keeps the cookie it has.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_problem: Option<String>,
+    /// With a shared store: the generation of the shared cookie this
+    /// replica uses (0 before the first is stored); every replica shows
+    /// the same number once a change has reached it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_generation: Option<u64>,
 }
 
 /// The state copy of one user's cookie, as stored on disk.
@@ -129,6 +135,29 @@ struct Status {
     /// Why the configured source cannot be used now (reported once).
     source_problem: Option<String>,
     source_sha256: String,
+    /// With a shared store: the generation of the shared record the
+    /// cookie in use matches (0: none yet), that record's source and
+    /// retired sources, and a change made here that the record lacks.
+    shared_gen: u64,
+    shared_source: String,
+    shared_retired: Vec<String>,
+    pending: Option<Pending>,
+    /// Why the shared record could not be used (reported once).
+    shared_problem: Option<String>,
+}
+
+/// A change made by this replica that the shared record does not have yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    /// A rotation or an expiry, made on top of generation `shared_gen`:
+    /// written unless another replica wrote meanwhile (then theirs wins).
+    Local,
+    /// A source value this replica has (at start-up, or a `cookie_file`
+    /// edit): written unless the record already descends from it or an
+    /// operator has replaced it.
+    Source,
+    /// `credentials set`: always written.
+    Operator,
 }
 
 /// One user's cookie, where it came from, and how it is doing.
@@ -193,6 +222,8 @@ pub struct Credentials {
     users: HashMap<Arc<str>, Arc<UserCredential>>,
     scim_bearer: Option<HeaderValue>,
     state_dir: PathBuf,
+    /// The copy every replica shares (`[store] kind = "redis"`).
+    vault: Option<Arc<Vault>>,
 }
 
 impl fmt::Debug for Credentials {
@@ -259,9 +290,11 @@ impl Credentials {
                 if cred.cookie().is_none() {
                     tracing::warn!(user = %user.name, "no cookie yet; run `knoq-gateway credentials set {}`", user.name);
                 }
+                cred.status().pending = Some(Pending::Source);
                 users.insert(user.name.as_str().into(), cred);
                 continue;
             };
+            cred.status().pending = Some(Pending::Source);
             match raw.and_then(|text| parse_cookie(&text).map(|c| (sha256_hex(&text), c))) {
                 Ok(source) => adopt(&cred, Some(source), state),
                 // On a reload, a missing source is a missing cookie, unless
@@ -293,10 +326,17 @@ impl Credentials {
                 users,
                 scim_bearer,
                 state_dir,
+                vault: previous.and_then(|p| p.vault.clone()),
             })
         } else {
             Err(problems)
         }
+    }
+
+    /// Shares every cookie through `vault` from now on (set once, at
+    /// start-up; reloads keep it).
+    pub fn share_through(&mut self, vault: Arc<Vault>) {
+        self.vault = Some(vault);
     }
 
     /// The user's current cookie, or `None` when it is missing.
@@ -362,6 +402,8 @@ impl Credentials {
         }
         let _w = cred.writer.lock().await;
         self.adopt_if_replaced(cred);
+        // Another replica may have stored Knoq's new cookie: resend once.
+        self.sync_locked(cred).await;
         if cred.cookie().as_ref() != Some(sent) {
             return false;
         }
@@ -380,6 +422,9 @@ impl Credentials {
             if let Err(e) = self.persist(cred, sent, None, true).await {
                 tracing::error!(user, error = %e, "cannot record the expired cookie in the state directory");
             }
+            // And tell every replica.
+            cred.status().pending = Some(Pending::Local);
+            self.sync_locked(cred).await;
         }
         true
     }
@@ -441,6 +486,9 @@ impl Credentials {
                 tracing::error!(user, error = %e, "Knoq rotated the session cookie but the gateway cannot store it; a restart would fall back to the old one");
             }
         }
+        // Every replica needs it now: Knoq refuses the old one already.
+        cred.status().pending = Some(Pending::Local);
+        self.sync_locked(cred).await;
         true
     }
 
@@ -477,6 +525,7 @@ impl Credentials {
         };
         cred.publish(cookie);
         let mut s = cred.status();
+        s.pending = Some(Pending::Operator);
         if s.expired && !file.expired {
             tracing::info!(user = %cred.name, "a new cookie was set; requests for this user go to Knoq again");
         }
@@ -545,6 +594,7 @@ impl Credentials {
                             let mut s = cred.status();
                             (s.source_sha256, s.expired, s.from_state) =
                                 (sha256_hex(&text), false, false);
+                            s.pending = Some(Pending::Source);
                             tracing::info!(user = %cred.name, "cookie_file changed; using the new cookie");
                             None
                         }
@@ -564,6 +614,167 @@ impl Credentials {
             }
             // A state copy written by someone else (`credentials set`).
             self.adopt_if_replaced(cred);
+            if cred.status().pending.is_some() {
+                self.sync_locked(cred).await;
+            }
+        }
+    }
+
+    /// Brings every user (or the one named) in line with the shared
+    /// record: after a change notice, after (re)subscribing, and now and
+    /// then in case a notice was lost.
+    pub async fn sync_shared(&self, only: Option<&str>) {
+        if self.vault.is_none() {
+            return;
+        }
+        for (name, cred) in &self.users {
+            if only.is_some_and(|o| o != &**name) {
+                continue;
+            }
+            let _w = cred.writer.lock().await;
+            self.sync_locked(cred).await;
+        }
+    }
+
+    /// Reconciles one user's cookie with the shared record, with the
+    /// user's writer lock held: writes this replica's change, or takes the
+    /// record's. A store that fails leaves the change pending (the next
+    /// sync writes it) and the cookie in use as it is.
+    async fn sync_locked(&self, cred: &UserCredential) {
+        let Some(vault) = &self.vault else { return };
+        // Each lost race re-reads; three are plenty for a handful of
+        // replicas writing one account at once.
+        for _ in 0..3 {
+            let found = match vault.read(&cred.name).await {
+                Ok(found) => found,
+                Err(e) => return self.shared_problem(cred, Some(e)),
+            };
+            self.shared_problem(cred, None);
+            let (gen, record) = match found {
+                Some((gen, record)) => (gen, Some(record)),
+                None => (0, None),
+            };
+            let (pending, known, digest) = {
+                let s = cred.status();
+                (s.pending, s.shared_gen, s.source_sha256.clone())
+            };
+            let write = match (&record, pending) {
+                (None, _) => cred.cookie().is_some(),
+                (Some(_), Some(Pending::Local)) => gen == known,
+                (Some(r), Some(Pending::Source)) => {
+                    r.source_sha256 != digest && !r.retired.contains(&digest) && !digest.is_empty()
+                }
+                (Some(_), Some(Pending::Operator)) => true,
+                (Some(_), None) => false,
+            };
+            if !write {
+                if let Some(record) = record {
+                    if gen != known || pending.is_some() {
+                        self.adopt_shared(cred, gen, record).await;
+                    }
+                }
+                cred.status().pending = None;
+                return;
+            }
+            let Some(cookie) = cred.cookie() else { return };
+            let mine = {
+                let s = cred.status();
+                let mut mine = match &record {
+                    Some(r) => Shared {
+                        cookie: String::new(),
+                        source_sha256: r.source_sha256.clone(),
+                        retired: r.retired.clone(),
+                        rotated_at: s.last_rotation,
+                        expired: s.expired,
+                    },
+                    None => Shared {
+                        cookie: String::new(),
+                        source_sha256: digest.clone(),
+                        retired: Vec::new(),
+                        rotated_at: s.last_rotation,
+                        expired: s.expired,
+                    },
+                };
+                match pending {
+                    Some(Pending::Source) => {
+                        let old = std::mem::replace(&mut mine.source_sha256, digest.clone());
+                        mine.retire(&old);
+                    }
+                    Some(Pending::Operator) => {
+                        let old = std::mem::replace(&mut mine.source_sha256, OPERATOR.into());
+                        mine.retire(&old);
+                        mine.retire(&digest);
+                    }
+                    _ => {}
+                }
+                mine.cookie = cookie.to_str().unwrap_or_default().to_string();
+                mine
+            };
+            match vault.write(&cred.name, gen, &mine).await {
+                Ok(Cas::Stored(gen)) => {
+                    let mut s = cred.status();
+                    (s.shared_gen, s.shared_source, s.shared_retired, s.pending) =
+                        (gen, mine.source_sha256, mine.retired, None);
+                    return;
+                }
+                Ok(Cas::Stale(_)) => continue,
+                Err(e) => return self.shared_problem(cred, Some(e)),
+            }
+        }
+    }
+
+    /// Takes the shared record's cookie and state, and keeps a copy in the
+    /// state directory (a restart while Redis is away starts from it).
+    async fn adopt_shared(&self, cred: &UserCredential, gen: u64, record: Shared) {
+        let cookie = match parse_cookie(&record.cookie) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(user = %cred.name, error = %e, "the shared cookie is unusable; keeping the current one");
+                return;
+            }
+        };
+        let changed = cred.cookie().as_ref() != Some(&cookie);
+        let was_expired = cred.status().expired;
+        cred.publish(cookie.clone());
+        {
+            let mut s = cred.status();
+            (s.shared_gen, s.shared_source, s.shared_retired) =
+                (gen, record.source_sha256.clone(), record.retired.clone());
+            s.expired = record.expired;
+            s.last_rotation = record.rotated_at;
+            s.from_state = true;
+        }
+        match (changed, was_expired, record.expired) {
+            (_, false, true) => {
+                tracing::warn!(user = %cred.name, "another replica saw Knoq reject the session cookie; requests for this user now fail fast until `knoq-gateway credentials set {}` provides a new one", cred.name)
+            }
+            (true, _, _) => {
+                tracing::info!(user = %cred.name, generation = gen, "using the cookie another replica stored")
+            }
+            _ => {}
+        }
+        if changed || was_expired != record.expired {
+            if let Err(e) = self
+                .persist(cred, &cookie, record.rotated_at, record.expired)
+                .await
+            {
+                tracing::warn!(user = %cred.name, error = %e, "cannot keep a copy of the shared cookie in the state directory");
+            }
+        }
+    }
+
+    /// One log line per change of whether the shared record can be used.
+    fn shared_problem(&self, cred: &UserCredential, error: Option<VaultError>) {
+        let problem = error.map(|e| e.to_string());
+        let mut s = cred.status();
+        if s.shared_problem != problem {
+            match &problem {
+                Some(p) => {
+                    tracing::error!(user = %cred.name, problem = %p, "cannot read or write the shared cookie; this replica keeps the cookie it has and writes its changes when the store answers")
+                }
+                None => tracing::info!(user = %cred.name, "the shared cookie is in reach again"),
+            }
+            s.shared_problem = problem;
         }
     }
 
@@ -591,6 +802,7 @@ impl Credentials {
                     source: origin(&cred.source, s.from_state),
                     why: String::new(),
                     source_problem: s.source_problem.clone(),
+                    shared_generation: self.vault.is_some().then_some(s.shared_gen),
                 }
                 .explained(&cred.source)
             })
@@ -817,6 +1029,7 @@ pub fn status_from_files(config: &Config) -> Vec<UserStatus> {
                     (CookieSource::Stored, _) | (_, Ok(_)) => None,
                     (_, Err(e)) => Some(e),
                 },
+                shared_generation: None,
             }
             .explained(&u.cookie)
         })

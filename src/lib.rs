@@ -40,6 +40,7 @@
 //! | [`route`] | normal-form path check and endpoint classification |
 //! | `cookies` | `Set-Cookie` parsing and merging |
 //! | `body` | body types and bounds (JSON, deadline, idle gap, in-flight guard) |
+//! | `cookie_vault` | every account's cookie shared through Redis: sealed (ChaCha20-Poly1305), generation compare-and-set, change notices |
 //! | [`shared_store`] | the Redis every replica shares: connection, key layout, per-call deadline, health, metrics |
 //! | `secrets` | reading secret files (mode and symlink checks) |
 //! | `state` | the state directory; atomic, durable file replacement |
@@ -75,6 +76,7 @@ mod body;
 pub mod cli;
 mod clock;
 pub mod config;
+mod cookie_vault;
 mod cookies;
 mod credentials;
 #[cfg(feature = "sim")]
@@ -186,6 +188,7 @@ pub async fn run(
     let stop_rx_watch = stop_rx.clone();
     let stop_rx_probe = stop_rx.clone();
     let stop_rx_store = stop_rx.clone();
+    let stop_rx_cookies = stop_rx.clone();
     let proxy_task = server::serve(
         proxy,
         prepared.live.clone(),
@@ -205,6 +208,10 @@ pub async fn run(
             shared.heartbeat(stopped(stop_rx_store)).await;
         }
     };
+    let cookies = prepared
+        .live
+        .clone()
+        .follow_shared_cookies(stopped(stop_rx_cookies));
     let ready = async { service::ready() };
     let signal = async move {
         shutdown.await;
@@ -212,7 +219,7 @@ pub async fn run(
         live.services().drain.begin();
         let _ = stop_tx.send(true);
     };
-    tokio::join!(proxy_task, admin_task, ready, signal, watch, probes, heartbeat);
+    tokio::join!(proxy_task, admin_task, ready, signal, watch, probes, heartbeat, cookies);
 }
 
 #[cfg(test)]

@@ -29,6 +29,12 @@ use crate::server::Handler;
 /// How often the config file is checked for changes.
 const WATCH_EVERY: Duration = Duration::from_millis(500);
 
+/// How often every shared cookie is re-read while notices are quiet.
+const RESYNC_EVERY: Duration = Duration::from_secs(5);
+
+/// The pause before subscribing again after the subscription broke.
+const RESUBSCRIBE_AFTER: Duration = Duration::from_millis(500);
+
 pub struct Live {
     current: RwLock<Arc<Gateway>>,
     /// The config file's stamp when the running config was read from it.
@@ -163,6 +169,49 @@ impl Live {
 
     /// Reloads on SIGHUP and when the config file changes, and refreshes
     /// cookies changed on disk, until `stop` resolves.
+    /// With a shared store: follows the other replicas' cookie changes
+    /// until `stop` resolves. Each notice names an account, brought in
+    /// line at once; after every (re)subscription, and every
+    /// [`RESYNC_EVERY`] besides, every account is re-read, since pub/sub
+    /// drops what it sends while the subscriber is away.
+    pub async fn follow_shared_cookies(self: Arc<Self>, stop: impl Future<Output = ()>) {
+        let Some(vault) = self.services.vault.clone() else {
+            return stop.await;
+        };
+        let follow = async {
+            loop {
+                let mut notices = match vault.store().subscribe(vault.channel()).await {
+                    Ok(pubsub) => pubsub.into_on_message(),
+                    Err(_) => {
+                        // The store's own health line says Redis is away.
+                        tokio::time::sleep(RESUBSCRIBE_AFTER).await;
+                        continue;
+                    }
+                };
+                self.current().credentials.sync_shared(None).await;
+                loop {
+                    tokio::select! {
+                        notice = futures_util::StreamExt::next(&mut notices) => match notice {
+                            Some(msg) => {
+                                let account: String = msg.get_payload().unwrap_or_default();
+                                self.current().credentials.sync_shared(Some(&account)).await;
+                            }
+                            None => break,
+                        },
+                        () = tokio::time::sleep(RESYNC_EVERY) => {
+                            self.current().credentials.sync_shared(None).await;
+                        }
+                    }
+                }
+                tokio::time::sleep(RESUBSCRIBE_AFTER).await;
+            }
+        };
+        tokio::select! {
+            () = stop => {}
+            () = follow => {}
+        }
+    }
+
     pub async fn watch(self: Arc<Self>, path: Option<PathBuf>, stop: impl Future<Output = ()>) {
         use tokio::signal::unix::{signal, SignalKind};
         let mut hup = signal(SignalKind::hangup()).ok();

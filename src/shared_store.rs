@@ -36,7 +36,15 @@ const BUCKETS: &[f64] = &[
 ];
 
 /// The store operations, for the `op` label (a fixed set).
-pub const OPS: [&str; 4] = ["acquire", "check", "cool_down", "ping"];
+pub const OPS: [&str; 7] = [
+    "acquire",
+    "check",
+    "cool_down",
+    "ping",
+    "cookie_read",
+    "cookie_write",
+    "subscribe",
+];
 
 /// How often an idle gateway asks Redis whether it is there, so health
 /// and `/readyz` are current without traffic.
@@ -66,6 +74,8 @@ pub struct RedisSettings {
     /// `redis://` or `rediss://`, never with a password in it.
     pub url: String,
     pub password_file: Option<PathBuf>,
+    /// 32 bytes (raw, or 64 hex digits) that encrypt the shared cookies.
+    pub secret_key_file: PathBuf,
     pub key_prefix: String,
     /// The longest one store call may take.
     pub timeout: Duration,
@@ -130,6 +140,8 @@ impl Instruments {
 /// A connection to the shared Redis and the rules for using it.
 pub struct SharedStore {
     connection: ConnectionManager,
+    /// For the subscriber's own connection (pub/sub needs one).
+    client: redis::Client,
     prefix: String,
     timeout: Duration,
     on_error: OnStoreError,
@@ -172,11 +184,12 @@ impl SharedStore {
             // waits for them longer than `timeout`.
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(1));
-        let connection = ConnectionManager::new_lazy_with_config(client, config)
+        let connection = ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(|e| format!("store.url: {e}"))?;
         let instruments = Instruments::new();
         Ok(SharedStore {
             connection,
+            client,
             prefix: settings.key_prefix.clone(),
             timeout: settings.timeout,
             on_error: settings.on_error,
@@ -188,6 +201,37 @@ impl SharedStore {
     /// `<prefix>{<account>}:<what>`: every key of one account in one slot.
     pub fn key(&self, account: &str, what: &str) -> String {
         format!("{}{{{account}}}:{what}", self.prefix)
+    }
+
+    /// `<prefix><what>`: a pub/sub channel every replica listens on.
+    pub fn channel(&self, what: &str) -> String {
+        format!("{}{what}", self.prefix)
+    }
+
+    /// A connection subscribed to `channel`, made within `timeout` (or the
+    /// half-second a connection may take).
+    pub async fn subscribe(&self, channel: &str) -> Result<redis::aio::PubSub, StoreError> {
+        let deadline = self.timeout.max(Duration::from_millis(500));
+        let client = self.client.clone();
+        let channel = channel.to_string();
+        let made = tokio::time::timeout(deadline, async move {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        })
+        .await;
+        let result = match made {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(e)) => Err(StoreError::Failed(Box::new(e))),
+            Err(_) => Err(StoreError::Timeout(deadline)),
+        };
+        if result.is_err() {
+            self.instruments
+                .errors
+                .with_label_values(&["subscribe"])
+                .inc();
+        }
+        result
     }
 
     pub fn on_error(&self) -> OnStoreError {

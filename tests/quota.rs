@@ -46,10 +46,7 @@ on_both_stores!(
 fn store_toml(redis: &Option<RedisServer>) -> String {
     match redis {
         None => String::new(),
-        Some(r) => format!(
-            "[store]\nkind = \"redis\"\nurl = \"{}\"\ntimeout = \"500ms\"\n",
-            r.url()
-        ),
+        Some(r) => format!("{}timeout = \"500ms\"\n", redis_store_toml(r)),
     }
 }
 

@@ -19,6 +19,7 @@ fn settings(redis: &RedisServer, timeout: Duration) -> RedisSettings {
     RedisSettings {
         url: redis.url(),
         password_file: None,
+        secret_key_file: Default::default(),
         key_prefix: "kgw-test:".into(),
         timeout,
         on_error: OnStoreError::Reject,

@@ -22,6 +22,18 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// The key beds on a shared store seal cookies with (64 hex digits).
+pub const STORE_KEY: &str = "4b6e6f712d676174657761792d746573742d6b65792d6f6e6c792d3332627973";
+
+/// `[store]` on `redis` for a bed (its key file is `store.key`), open to
+/// more keys after it.
+pub fn redis_store_toml(redis: &RedisServer) -> String {
+    format!(
+        "[store]\nkind = \"redis\"\nurl = \"{}\"\nsecret_key_file = \"store.key\"\n",
+        redis.url()
+    )
+}
+
 pub const ALICE_COOKIE: &str = "knoq_session=alice-cookie-0001; theme=dark";
 pub const BOB_COOKIE: &str = "knoq_session=bob-cookie-0001";
 pub const SCIM_TOKEN: &str = "scim-token-0123456789abcdef";
@@ -176,6 +188,8 @@ impl BedBuilder {
         dir.write_secret("alice.cookie", ALICE_COOKIE);
         dir.write_secret("bob.cookie", &format!("{BOB_COOKIE}\n"));
         dir.write_secret("scim.token", SCIM_TOKEN);
+        // For beds on a shared store (`redis_store_toml`).
+        dir.write_secret("store.key", STORE_KEY);
         if let Some(pem) = sim.ca_pem() {
             std::fs::write(dir.0.join("knoq-ca.pem"), pem).unwrap();
         }
@@ -214,7 +228,7 @@ impl BedBuilder {
             url = self.upstream_url.unwrap_or_else(|| sim.base_url()),
         );
         std::fs::write(dir.0.join("gateway.toml"), &config_text).unwrap();
-        let (stop_tx, task) = launch(&config_text, &dir.0, proxy, admin);
+        let (stop_tx, task) = launch(&config_text, &dir.0.join("gateway.toml"), proxy, admin);
         TestBed {
             control: sim.control(),
             sim: Some(sim),
@@ -232,13 +246,13 @@ impl BedBuilder {
 /// Builds and starts a gateway from config text on the given listeners.
 fn launch(
     config_text: &str,
-    dir: &Path,
+    file: &Path,
     proxy: TcpListener,
     admin: TcpListener,
 ) -> (oneshot::Sender<()>, JoinHandle<()>) {
-    let mut config = Config::from_toml_str(config_text, dir).unwrap();
+    let mut config = Config::from_toml_str(config_text, file.parent().unwrap()).unwrap();
     // Reloads watch the file the bed wrote.
-    config.source = Some(dir.join("gateway.toml"));
+    config.source = Some(file.to_path_buf());
     let prepared = knoq_gateway::prepare(config).unwrap_or_else(|e| panic!("{e}"));
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let task = tokio::spawn(knoq_gateway::run(prepared, proxy, admin, async move {
@@ -256,9 +270,66 @@ impl TestBed {
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         self.addr = proxy.local_addr().unwrap();
         self.admin = admin.local_addr().unwrap();
-        let (stop, task) = launch(&self.config_text, &self.dir.0, proxy, admin);
+        let (stop, task) = launch(
+            &self.config_text,
+            &self.dir.0.join("gateway.toml"),
+            proxy,
+            admin,
+        );
         self.stop = Some(stop);
         self.task = Some(task);
+    }
+
+    /// Another gateway in this process on the bed's config (the same sim,
+    /// tokens, cookie files and store), with its own ports, config file
+    /// `gateway-<name>.toml` and state directory `state-<name>`: a replica.
+    pub async fn replica(&self, name: &str) -> Replica {
+        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (addr, admin_addr) = (proxy.local_addr().unwrap(), admin.local_addr().unwrap());
+        let text = self
+            .config_text
+            .replace(
+                &format!("listen = \"{}\"", self.addr),
+                &format!("listen = \"{addr}\""),
+            )
+            .replace(
+                &format!("listen = \"{}\"", self.admin),
+                &format!("listen = \"{admin_addr}\""),
+            )
+            .replace("dir = \"state\"", &format!("dir = \"state-{name}\""));
+        let file = self.dir.0.join(format!("gateway-{name}.toml"));
+        std::fs::write(&file, &text).unwrap();
+        let (stop, task) = launch(&text, &file, proxy, admin);
+        Replica {
+            addr,
+            admin: admin_addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+}
+
+/// A second gateway on a bed's config ([`TestBed::replica`]).
+pub struct Replica {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Replica {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("the replica's task panicked");
+        }
     }
 }
 

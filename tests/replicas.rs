@@ -1,0 +1,214 @@
+//! Several replicas on one real redis-server: a cookie rotated through one
+//! replica reaches the others at once, an expiry one sees all see, a new
+//! `cookie_file` reaches everyone, Redis never holds a cookie in clear.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+const ROTATED: &str = "alice-shared-rotated-0002";
+
+async fn two_replicas(redis: &RedisServer) -> (TestBed, Replica) {
+    let bed = BedBuilder {
+        tail_toml: redis_store_toml(redis),
+        ..TestBed::builder()
+    }
+    .start()
+    .await;
+    let b = bed.replica("b").await;
+    (bed, b)
+}
+
+async fn list_via(url: String, token: &str) -> Reply {
+    send(&client(), req("GET", &url, Some(token), None)).await
+}
+
+fn stored_copy(bed: &TestBed, state: &str) -> String {
+    let path = bed.dir.0.join(state).join("credentials").join("alice.json");
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+async fn alice(admin: std::net::SocketAddr) -> serde_json::Value {
+    let all = admin_get(admin, "/credentials").await.json();
+    let users = all["users"].as_array().cloned().unwrap_or_default();
+    users
+        .into_iter()
+        .find(|u| u["user"] == "alice")
+        .unwrap_or_default()
+}
+
+async fn alice_state(admin: std::net::SocketAddr) -> String {
+    alice(admin).await["state"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+async fn generation(admin: std::net::SocketAddr) -> u64 {
+    alice(admin).await["shared_generation"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Both replicas have met the shared record (their start-up sync is
+/// done) at the same generation; that generation.
+async fn in_step(a: std::net::SocketAddr, b: std::net::SocketAddr) -> u64 {
+    eventually(
+        "both replicas use one shared generation",
+        Duration::from_secs(5),
+        || async {
+            let (ga, gb) = (generation(a).await, generation(b).await);
+            ga > 0 && ga == gb
+        },
+    )
+    .await;
+    generation(a).await
+}
+
+#[tokio::test]
+async fn a_rotation_through_one_replica_reaches_the_other_at_once_and_never_in_clear() {
+    let redis = RedisServer::start();
+    let (bed, b) = two_replicas(&redis).await;
+    let token = bed.token("alice-svc").to_string();
+    assert_eq!(list_via(bed.url(SESSIONS), &token).await.status, 200);
+    assert_eq!(list_via(b.url(SESSIONS), &token).await.status, 200);
+    let before = in_step(bed.admin, b.admin).await;
+
+    bed.control.rotate_cookie("alice", ROTATED);
+    assert_eq!(list_via(bed.url(SESSIONS), &token).await.status, 200);
+    assert_eq!(generation(bed.admin).await, before + 1);
+    // The notice reaches B well before its periodic re-read (5 s) would.
+    eventually(
+        "B takes the rotated cookie",
+        Duration::from_secs(2),
+        || async {
+            // And keeps a copy for a restart while Redis is away.
+            generation(b.admin).await == before + 1
+                && stored_copy(&bed, "state-b").contains(ROTATED)
+        },
+    )
+    .await;
+    bed.control.clear_requests();
+    let r = list_via(b.url(SESSIONS), &token).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let seen = bed.control.requests();
+    assert_eq!(
+        seen.len(),
+        1,
+        "B sent the new cookie first time: no 401, no resend"
+    );
+    assert!(seen[0].headers["cookie"]
+        .to_str()
+        .unwrap()
+        .contains(ROTATED));
+
+    // Redis holds the record sealed: no cookie value, old or new, in clear.
+    let raw = redis.cli(&["HGETALL", "kgw:{alice}:cookie"]);
+    assert!(raw.contains("gen"), "{raw}");
+    assert!(!raw.contains(ROTATED) && !raw.contains("alice-cookie-0001"));
+    let dump = redis.cli(&["--no-raw", "HGET", "kgw:{alice}:cookie", "blob"]);
+    assert!(!dump.contains("alice-shared") && !dump.contains("knoq_session"));
+
+    b.stop().await;
+    bed.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_replica_with_a_stale_cookie_resends_once_with_the_shared_one_instead_of_expiring() {
+    let redis = RedisServer::start();
+    let (bed, b) = two_replicas(&redis).await;
+    let token = bed.token("alice-svc").to_string();
+    assert_eq!(list_via(b.url(SESSIONS), &token).await.status, 200);
+    let before = in_step(bed.admin, b.admin).await;
+    // Cut the replicas' subscriptions: B misses the notice of the
+    // rotation A is about to store, and still holds the old cookie.
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    bed.control.rotate_cookie("alice", ROTATED);
+    assert_eq!(list_via(bed.url(SESSIONS), &token).await.status, 200);
+    bed.control.clear_requests();
+    let r = list_via(b.url(SESSIONS), &token).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let answered: Vec<Option<u16>> = bed.control.requests().iter().map(|r| r.status).collect();
+    assert_eq!(
+        answered,
+        [Some(401), Some(200)],
+        "one 401 for the old cookie, one resend with the new"
+    );
+    assert_ne!(alice_state(b.admin).await, "expired");
+    assert_eq!(generation(b.admin).await, before + 1);
+    b.stop().await;
+
+    // A replica started later from the stale cookie_file takes the shared
+    // cookie before using its own.
+    let c = bed.replica("c").await;
+    eventually(
+        "C meets the shared record",
+        Duration::from_secs(5),
+        || async { generation(c.admin).await == before + 1 },
+    )
+    .await;
+    bed.control.clear_requests();
+    assert_eq!(list_via(c.url(SESSIONS), &token).await.status, 200);
+    let seen = bed.control.requests();
+    assert_eq!(seen.len(), 1);
+    assert!(seen[0].headers["cookie"]
+        .to_str()
+        .unwrap()
+        .contains(ROTATED));
+    c.stop().await;
+    bed.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_expiry_seen_by_one_replica_is_seen_by_all_and_a_new_cookie_file_revives_all() {
+    let redis = RedisServer::start();
+    let (bed, b) = two_replicas(&redis).await;
+    let token = bed.token("alice-svc").to_string();
+    assert_eq!(list_via(b.url(SESSIONS), &token).await.status, 200);
+    assert_eq!(list_via(bed.url(SESSIONS), &token).await.status, 200);
+    in_step(bed.admin, b.admin).await;
+
+    bed.control.expire_cookie("alice");
+    let r = list_via(bed.url(SESSIONS), &token).await;
+    assert_eq!(
+        r.json()["code"],
+        "upstream_credential_expired",
+        "{:?}",
+        r.body
+    );
+    eventually("B learns the expiry", Duration::from_secs(2), || async {
+        alice_state(b.admin).await == "expired"
+    })
+    .await;
+    // B fails fast, without asking Knoq.
+    bed.control.clear_requests();
+    let r = list_via(b.url(SESSIONS), &token).await;
+    assert_eq!(
+        r.json()["code"],
+        "upstream_credential_expired",
+        "{:?}",
+        r.body
+    );
+    assert!(bed.control.requests().is_empty());
+
+    // The operator provides a new cookie: both replicas use it.
+    bed.control.set_cookie("alice", "alice-fresh-0003");
+    bed.dir
+        .write_secret("alice.cookie", "knoq_session=alice-fresh-0003");
+    for (what, url, admin) in [
+        ("A", bed.url(SESSIONS), bed.admin),
+        ("B", b.url(SESSIONS), b.admin),
+    ] {
+        eventually(
+            &format!("{what} uses the new cookie"),
+            Duration::from_secs(5),
+            || async { alice_state(admin).await != "expired" },
+        )
+        .await;
+        assert_eq!(list_via(url, &token).await.status, 200, "{what}");
+    }
+    b.stop().await;
+    bed.shutdown().await;
+}
