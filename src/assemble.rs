@@ -41,6 +41,7 @@ use crate::knoq::Knoq;
 use crate::metrics::Metrics;
 use crate::pipeline::Gateway;
 use crate::quota::{LocalStore, QuotaStore, Quotas, SharedQuotaStore, StoreTime, WaitQueues};
+use crate::reconcile::Confirmed;
 use crate::shared_store::{SharedStore, StoreSettings};
 use crate::shutdown::Drain;
 use crate::upstream::Upstream;
@@ -357,6 +358,7 @@ fn forwarder(config: &Config, tls: ClientTls, services: &Services) -> Arc<Forwar
         services.clock.clone(),
         services.metrics.clone(),
         services.drain.clone(),
+        Confirmed::new(services.shared.clone()),
     ))
 }
 

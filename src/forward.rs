@@ -83,6 +83,7 @@ impl Forwarder {
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
         drain: Drain,
+        confirmed: Confirmed,
     ) -> Self {
         Forwarder {
             knoq,
@@ -91,7 +92,7 @@ impl Forwarder {
             retry,
             clock,
             drain,
-            confirmed: Confirmed::default(),
+            confirmed,
         }
     }
 

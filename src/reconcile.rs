@@ -14,7 +14,11 @@
 //! must not pass for this one: the gateway remembers, for a few minutes,
 //! the sends Knoq confirmed, and a look finds the request only if Knoq
 //! shows *more* matches than the gateway already accounts for. A session is
-//! answered only when exactly one unaccounted match exists.
+//! answered only when exactly one unaccounted match exists. With a shared
+//! store the record is kept in Redis too, so a replica counts the sends
+//! other replicas made as well: `<prefix>{<account>}:confirmed:<sha256 of
+//! what a look searches>`, a sorted set of send times that expires with
+//! the record's span (the text itself is never a key).
 //!
 //! Times are compared with a small allowance for clock skew between the
 //! gateway and Knoq. If the first look finds nothing, one more look follows
@@ -34,6 +38,7 @@ use crate::credentials::Credentials;
 use crate::knoq::Knoq;
 use crate::quota::Quotas;
 use crate::route::Route;
+use crate::shared_store::SharedStore;
 
 /// Knoq's clock and ours may disagree by this much.
 const CLOCK_SKEW_MS: Millis = 2_000;
@@ -70,9 +75,31 @@ const CONFIRMED_MAX_KEYS: usize = 10_000;
 #[derive(Debug, Default)]
 pub struct Confirmed {
     entries: std::sync::Mutex<HashMap<(String, String), Vec<Millis>>>,
+    /// The record every replica keeps, with a shared store.
+    shared: Option<Arc<SharedStore>>,
 }
 
 impl Confirmed {
+    /// A record kept in this process, and in `shared` too when given.
+    pub fn new(shared: Option<Arc<SharedStore>>) -> Confirmed {
+        Confirmed {
+            entries: Default::default(),
+            shared,
+        }
+    }
+
+    /// The shared set for one search key.
+    fn shared_key(store: &SharedStore, user: &str, key: &(String, String)) -> String {
+        use sha2::Digest;
+        let digest = sha2::Sha256::new()
+            .chain_update(key.0.as_bytes())
+            .chain_update([0])
+            .chain_update(key.1.as_bytes())
+            .finalize();
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        store.key(user, &format!("confirmed:{hex}"))
+    }
+
     /// Notes that Knoq confirmed `request_body` on `route` sent at `at`.
     pub fn record(&self, route: Route, user: &str, request_body: &Bytes, at: Millis) {
         let Some(key) = key(route, user, request_body) else {
@@ -82,16 +109,66 @@ impl Confirmed {
         if entries.len() >= CONFIRMED_MAX_KEYS {
             entries.retain(|_, times| times.iter().any(|t| t + CONFIRMED_FOR_MS > at));
         }
+        if let Some(store) = &self.shared {
+            // Off the answer's path: a look that needs it comes seconds
+            // later, and a failed write leaves this replica's own record.
+            let (store, set) = (store.clone(), Self::shared_key(store, user, &key));
+            let member = format!("{at}-{:016x}", rand_u64());
+            tokio::spawn(async move {
+                let _ = store
+                    .call("confirmed_record", |mut c| async move {
+                        redis::pipe()
+                            .atomic()
+                            .cmd("ZADD")
+                            .arg(&set)
+                            .arg(at)
+                            .arg(member)
+                            .ignore()
+                            .cmd("ZREMRANGEBYSCORE")
+                            .arg(&set)
+                            .arg("-inf")
+                            .arg(at.saturating_sub(CONFIRMED_FOR_MS))
+                            .ignore()
+                            .cmd("PEXPIRE")
+                            .arg(&set)
+                            .arg(CONFIRMED_FOR_MS)
+                            .ignore()
+                            .query_async::<()>(&mut c)
+                            .await
+                    })
+                    .await;
+            });
+        }
         let times = entries.entry(key).or_default();
         times.retain(|t| t + CONFIRMED_FOR_MS > at);
         times.push(at);
     }
 
-    fn count_since(&self, key: &(String, String), since: Millis) -> usize {
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries
-            .get(key)
-            .map_or(0, |times| times.iter().filter(|t| **t >= since).count())
+    /// Confirmed sends found by `key` since `since`: this replica's, or
+    /// every replica's when the shared record answers.
+    async fn count_since(&self, user: &str, key: &(String, String), since: Millis) -> usize {
+        let local = {
+            let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            entries
+                .get(key)
+                .map_or(0, |times| times.iter().filter(|t| **t >= since).count())
+        };
+        let Some(store) = &self.shared else {
+            return local;
+        };
+        let set = Self::shared_key(store, user, key);
+        let shared = store
+            .call("confirmed_count", |mut c| async move {
+                redis::cmd("ZCOUNT")
+                    .arg(&set)
+                    .arg(since)
+                    .arg("+inf")
+                    .query_async::<usize>(&mut c)
+                    .await
+            })
+            .await;
+        // Never fewer than this replica knows of (a write may be on its way).
+        shared.map_or(local, |n| n.max(local))
     }
 }
 
@@ -111,6 +188,13 @@ fn key(route: Route, user: &str, request_body: &Bytes) -> Option<(String, String
         )),
         _ => None,
     }
+}
+
+/// A random number for unique set members.
+fn rand_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    getrandom::getrandom(&mut bytes).expect("the system's random source works");
+    u64::from_le_bytes(bytes)
 }
 
 /// Knoq titles a session with the first 60 characters of its opening text.
@@ -136,10 +220,14 @@ impl Reconciler<'_> {
         let since = sent_at.saturating_sub(CLOCK_SKEW_MS);
         let text = sent["text"].as_str().unwrap_or_default();
         // Our own confirmed sends that a look would also find.
-        let accounted = key(route, self.user, request_body).map_or(0, |k| {
-            self.confirmed
-                .count_since(&k, since.saturating_sub(CLOCK_SKEW_MS))
-        });
+        let accounted = match key(route, self.user, request_body) {
+            Some(k) => {
+                self.confirmed
+                    .count_since(self.user, &k, since.saturating_sub(CLOCK_SKEW_MS))
+                    .await
+            }
+            None => 0,
+        };
         match route {
             Route::MessageSend => {
                 let sid = sent["sessionId"].as_str().unwrap_or_default();

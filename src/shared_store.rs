@@ -36,7 +36,7 @@ const BUCKETS: &[f64] = &[
 ];
 
 /// The store operations, for the `op` label (a fixed set).
-pub const OPS: [&str; 7] = [
+pub const OPS: [&str; 9] = [
     "acquire",
     "check",
     "cool_down",
@@ -44,6 +44,8 @@ pub const OPS: [&str; 7] = [
     "cookie_read",
     "cookie_write",
     "subscribe",
+    "confirmed_record",
+    "confirmed_count",
 ];
 
 /// How often an idle gateway asks Redis whether it is there, so health

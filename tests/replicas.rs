@@ -1,6 +1,7 @@
 //! Several replicas on one real redis-server: a cookie rotated through one
 //! replica reaches the others at once, an expiry one sees all see, a new
-//! `cookie_file` reaches everyone, Redis never holds a cookie in clear.
+//! `cookie_file` reaches everyone, Redis never holds a cookie in clear,
+//! and one replica's confirmed message never passes for another's lost one.
 
 mod support;
 
@@ -209,6 +210,51 @@ async fn an_expiry_seen_by_one_replica_is_seen_by_all_and_a_new_cookie_file_revi
         .await;
         assert_eq!(list_via(url, &token).await.status, 200, "{what}");
     }
+    b.stop().await;
+    bed.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_identical_message_sent_through_another_replica_does_not_pass_for_a_lost_one() {
+    let redis = RedisServer::start();
+    let bed = BedBuilder {
+        tail_toml: format!(
+            "{}[retry]\nbase_delay = \"10ms\"\nmax_delay = \"40ms\"\nreconcile_settle = \"200ms\"\n",
+            redis_store_toml(&redis)
+        ),
+        ..TestBed::builder()
+    }
+    .start()
+    .await;
+    let b = bed.replica("b").await;
+    let token = bed.token("alice-svc").to_string();
+    let sid = bed.open_session("alice-svc", "replicas").await;
+    let post = |url: String| {
+        let body = message(&sid, "yes");
+        let token = token.clone();
+        async move { send(&client(), req("POST", &url, Some(&token), Some(&body))).await }
+    };
+    assert_eq!(post(bed.url(MESSAGE)).await.status, 200);
+    // The same text through B, lost before Knoq recorded it: Knoq's
+    // transcript shows one "yes", which A's confirmed send accounts for.
+    bed.control.fail_next(
+        knoq_sim::SimRoute::MessageSend,
+        vec![knoq_sim::Fault::Reset],
+    );
+    let r = post(b.url(MESSAGE)).await;
+    assert_eq!(r.status, 502, "{:?}", r.body);
+    assert_eq!(r.json()["code"], "outcome_unknown");
+    // And when Knoq did record B's copy, B finds it.
+    bed.control.fail_next(
+        knoq_sim::SimRoute::MessageSend,
+        vec![knoq_sim::Fault::ApplyThenReset],
+    );
+    let r = post(b.url(MESSAGE)).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.headers["x-knoq-gateway-reconciled"], "true");
+    // The shared record names no text.
+    let keys = redis.cli(&["KEYS", "kgw:{alice}:confirmed:*"]);
+    assert!(!keys.is_empty() && !keys.contains("yes"), "{keys}");
     b.stop().await;
     bed.shutdown().await;
 }
