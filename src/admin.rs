@@ -56,17 +56,14 @@ impl Admin {
             named(CredentialState::Expired),
             named(CredentialState::Missing),
         );
-        let store = match &self.live.services().shared {
-            None => json!({ "kind": "local" }),
-            Some(shared) if shared.is_up() => json!({ "kind": "redis", "mode": "shared" }),
-            Some(_) => json!({ "kind": "redis", "mode": "unavailable" }),
-        };
+        let store = store_json(&self.live);
+        // On its share of each limit a replica still serves: ready.
         let store_down = self
             .live
             .services()
             .shared
             .as_ref()
-            .is_some_and(|s| !s.is_up());
+            .is_some_and(|s| s.mode() == "unavailable");
         if expired.is_empty() && missing.is_empty() && !store_down {
             json_rsp(
                 StatusCode::OK,
@@ -90,7 +87,7 @@ impl Admin {
     fn credentials(&self) -> Response<BoxBody> {
         json_rsp(
             StatusCode::OK,
-            json!({ "users": self.live.current().credentials.status() }),
+            json!({ "users": self.live.current().credentials.status(), "store": store_json(&self.live) }),
         )
     }
 }
@@ -124,6 +121,14 @@ impl Handler for Admin {
             (_, "/healthz" | "/readyz" | "/credentials" | "/metrics") => method_not_allowed(),
             _ => not_found(),
         }
+    }
+}
+
+/// `{"kind": "local"}`, or `{"kind": "redis", "mode": …}`.
+fn store_json(live: &crate::reload::Live) -> serde_json::Value {
+    match &live.services().shared {
+        None => json!({ "kind": "local" }),
+        Some(shared) => json!({ "kind": "redis", "mode": shared.mode() }),
     }
 }
 

@@ -434,10 +434,20 @@ fn read_cookie_from_stdin() -> Result<String, String> {
 
 fn credentials_status(path: &Path) -> Result<(), String> {
     let config = Config::load(path).map_err(|e| e.to_string())?;
-    let (rows, live) = match fetch_live_status(config.admin.listen) {
-        Some(rows) => (rows, true),
-        None => (crate::credentials::status_from_files(&config), false),
+    let (rows, store, live) = match fetch_live_status(config.admin.listen) {
+        Some((rows, store)) => (rows, store, true),
+        None => (
+            crate::credentials::status_from_files(&config),
+            serde_json::Value::Null,
+            false,
+        ),
     };
+    if let Some(kind) = store["kind"].as_str() {
+        match store["mode"].as_str() {
+            Some(mode) => println!("store: {kind} ({mode})"),
+            None => println!("store: {kind}"),
+        }
+    }
     println!(
         "{:<20} {:<10} {:<24} {:<24} SOURCE",
         "USER", "STATE", "LAST SUCCESS", "LAST ROTATION"
@@ -460,6 +470,9 @@ fn credentials_status(path: &Path) -> Result<(), String> {
         if let Some(problem) = &r.source_problem {
             println!("    problem: {problem}");
         }
+        if let Some(generation) = r.shared_generation {
+            println!("    shared generation: {generation}");
+        }
     }
     if !live {
         println!("(the gateway's admin port did not answer: state read from the files; 'unchecked' means not known)");
@@ -467,8 +480,11 @@ fn credentials_status(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Asks a running gateway's admin port for `/credentials`.
-fn fetch_live_status(admin: SocketAddr) -> Option<Vec<crate::credentials::UserStatus>> {
+/// Asks a running gateway's admin port for `/credentials`: every user's
+/// status, and the store's kind and mode.
+fn fetch_live_status(
+    admin: SocketAddr,
+) -> Option<(Vec<crate::credentials::UserStatus>, serde_json::Value)> {
     use std::io::{Read, Write};
     let timeout = std::time::Duration::from_secs(2);
     let mut s = std::net::TcpStream::connect_timeout(&admin, timeout).ok()?;
@@ -483,7 +499,8 @@ fn fetch_live_status(admin: SocketAddr) -> Option<Vec<crate::credentials::UserSt
     s.read_to_string(&mut text).ok()?;
     let body = text.split_once("\r\n\r\n")?.1;
     let mut json: serde_json::Value = serde_json::from_str(body).ok()?;
-    serde_json::from_value(json["users"].take()).ok()
+    let users = serde_json::from_value(json["users"].take()).ok()?;
+    Some((users, json["store"].take()))
 }
 
 /// Unix milliseconds as `2026-11-29T08:56:01Z`.

@@ -222,6 +222,7 @@ struct RawStore {
     key_prefix: Option<String>,
     timeout: Option<String>,
     on_error: Option<String>,
+    replicas: Option<u32>,
     secret_key_file: Option<PathBuf>,
 }
 
@@ -936,10 +937,23 @@ impl RawStore {
         }
         let on_error = match self.on_error.as_deref() {
             None | Some("reject") => OnStoreError::Reject,
+            Some("local_share") => match self.replicas {
+                Some(replicas @ 1..=1000) => OnStoreError::LocalShare { replicas },
+                Some(_) => {
+                    c.problem("store.replicas", "must be from 1 to 1000: how many replicas share the account while Redis is away");
+                    OnStoreError::Reject
+                }
+                None => {
+                    c.problem("store.replicas", "store.on_error = \"local_share\" needs the number of replicas, which divides every limit while Redis is away (more replicas than this would admit too much)");
+                    OnStoreError::Reject
+                }
+            },
             Some(other) => {
                 c.problem(
                     "store.on_error",
-                    format!("\"{other}\" is not a failure policy; use \"reject\""),
+                    format!(
+                        "\"{other}\" is not a failure policy; use \"reject\" or \"local_share\""
+                    ),
                 );
                 OnStoreError::Reject
             }
@@ -961,6 +975,7 @@ impl RawStore {
                 ("store.url", self.url.is_some()),
                 ("store.password_file", self.password_file.is_some()),
                 ("store.secret_key_file", self.secret_key_file.is_some()),
+                ("store.replicas", self.replicas.is_some()),
             ] {
                 if set {
                     c.problem(key, "applies only with store.kind = \"redis\"");
@@ -1377,6 +1392,39 @@ mod tests {
 
     fn user_and_token() -> String {
         format!("[[users]]\nname = \"a\"\ncookie_env = \"A\"\n[[tokens]]\nname = \"t\"\nuser = \"a\"\nsha256 = \"{HASH}\"\n")
+    }
+
+    #[test]
+    fn the_redis_store_needs_a_key_and_local_share_needs_replicas() {
+        let store = |extra: &str| {
+            format!(
+                "{}[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379/0\"\n{extra}",
+                user_and_token()
+            )
+        };
+        let key = "secret_key_file = \"store.key\"\n";
+        assert!(only_problem(&store("")).starts_with("store.secret_key_file:"));
+        let c = parse(&store(&format!(
+            "{key}on_error = \"local_share\"\nreplicas = 3\n"
+        )))
+        .unwrap();
+        match c.store {
+            StoreSettings::Redis(r) => {
+                assert_eq!(r.on_error, OnStoreError::LocalShare { replicas: 3 });
+                assert_eq!(r.secret_key_file, Path::new("/etc/kgw/store.key"));
+            }
+            StoreSettings::Local => panic!("redis expected"),
+        }
+        assert!(
+            only_problem(&store(&format!("{key}on_error = \"local_share\"\n")))
+                .starts_with("store.replicas:")
+        );
+        assert!(only_problem(&store(&format!(
+            "{key}on_error = \"local_share\"\nreplicas = 0\n"
+        )))
+        .starts_with("store.replicas:"));
+        let local = format!("{}[store]\nreplicas = 2\n", user_and_token());
+        assert!(only_problem(&local).starts_with("store.replicas: applies only"));
     }
 
     #[test]

@@ -62,7 +62,10 @@ pub fn of_live(live: &Live) -> Vec<Problem> {
             all.push(Problem {
                 kind: "store_unavailable",
                 subject: "store".into(),
-                message: "the shared store (Redis) does not answer within store.timeout; metered requests get 503 quota_store_unavailable until it does".into(),
+                message: format!(
+                    "the shared store (Redis) does not answer within store.timeout; {}",
+                    shared.while_away()
+                ),
             });
         }
     }

@@ -67,6 +67,11 @@ pub enum OnStoreError {
     /// Refuse the request (503 `quota_store_unavailable`): never risk
     /// Knoq's limits.
     Reject,
+    /// Admit from this replica's memory, each limit divided by
+    /// `replicas` (rounded down), so together the replicas stay within
+    /// Knoq's limits; what was admitted is written back when Redis
+    /// answers again.
+    LocalShare { replicas: u32 },
 }
 
 /// Nothing secret here: the URL never holds a password (the config
@@ -249,6 +254,25 @@ impl SharedStore {
         self.up.load(Ordering::Relaxed)
     }
 
+    /// What is in force, for `/readyz` and `credentials status`:
+    /// `shared`, `local_share` (Redis away, each replica on its share) or
+    /// `unavailable` (Redis away, metered requests refused).
+    pub fn mode(&self) -> &'static str {
+        match (self.is_up(), self.on_error) {
+            (true, _) => "shared",
+            (false, OnStoreError::LocalShare { .. }) => "local_share",
+            (false, OnStoreError::Reject) => "unavailable",
+        }
+    }
+
+    /// What metered requests get while Redis is away (for messages).
+    pub fn while_away(&self) -> String {
+        match self.on_error {
+            OnStoreError::Reject => "metered requests are refused (503 quota_store_unavailable) until it answers".into(),
+            OnStoreError::LocalShare { replicas } => format!("each replica admits from its own memory, every limit divided by {replicas} (store.replicas), until it answers; what it admits meanwhile is written back then"),
+        }
+    }
+
     /// The series to register: `knoq_gateway_store_*`.
     pub fn collectors(&self) -> Vec<Box<dyn Collector>> {
         let i = &self.instruments;
@@ -324,7 +348,8 @@ impl SharedStore {
                     tracing::error!(
                         op,
                         error = %error,
-                        "the shared store (Redis) failed; metered requests are refused (503 quota_store_unavailable) until it answers"
+                        "the shared store (Redis) failed; {}",
+                        self.while_away()
                     );
                 }
             }

@@ -259,3 +259,70 @@ async fn a_hung_or_dead_redis_fails_the_call_within_the_timeout() {
     assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]).trim(), "OK");
     assert!(store.acquire(&demand, 0).await.unwrap().is_ok());
 }
+
+/// Admits at `now` until refused (at most `max`); how many were admitted.
+async fn admit_all(store: &SharedQuotaStore, demand: &Demand<'_>, now: u64, max: usize) -> usize {
+    let mut admitted = 0;
+    for _ in 0..max {
+        match store.acquire(demand, now).await {
+            Ok(Ok(_)) => admitted += 1,
+            Ok(Err(_)) => break,
+            Err(e) => panic!("local_share never fails a call: {e}"),
+        }
+    }
+    admitted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_share_admits_its_share_while_redis_is_away_and_writes_it_back_once() {
+    let redis = RedisServer::start();
+    let timeout = Duration::from_millis(100);
+    let mut sharing = settings(&redis, timeout);
+    sharing.on_error = OnStoreError::LocalShare { replicas: 3 };
+    let shared = Arc::new(SharedStore::connect(&sharing).unwrap());
+    let store = SharedQuotaStore::new(shared.clone(), 300, StoreTime::Caller);
+    // Another replica, refusing while Redis is away: it sees only Redis.
+    let peer_shared = Arc::new(SharedStore::connect(&settings(&redis, timeout)).unwrap());
+    let peer = SharedQuotaStore::new(peer_shared, 300, StoreTime::Caller);
+    let user_windows = windows(&["30/min"]);
+    let demand = Demand {
+        user: "alice",
+        token: "svc",
+        bucket: Bucket::Message,
+        user_windows: &user_windows,
+        token_windows: &[],
+    };
+    assert_eq!(admit_all(&store, &demand, 1_000, 5).await, 5);
+    assert_eq!(shared.mode(), "shared");
+
+    // Away: this replica admits floor(30 / 3) = 10, and not one more.
+    redis.signal("STOP");
+    assert_eq!(admit_all(&store, &demand, 2_000, 40).await, 10);
+    assert_eq!(shared.mode(), "local_share");
+    let refused = store.acquire(&demand, 2_000).await.unwrap().unwrap_err();
+    assert_eq!(
+        refused.until,
+        2_000 + 60_000 + 300,
+        "the share's window, margin included"
+    );
+
+    // Back: the heartbeat finds it; the 10 are written back (the first of
+    // them, whose call timed out, may have run late: its id counts once),
+    // so the window has exactly 30 - 5 - 10 left, for every replica.
+    redis.signal("CONT");
+    let beat = tokio::spawn({
+        let shared = shared.clone();
+        async move { shared.heartbeat(std::future::pending()).await }
+    });
+    support::eventually("the store answers again", Duration::from_secs(10), || {
+        let shared = shared.clone();
+        async move { shared.is_up() }
+    })
+    .await;
+    assert_eq!(admit_all(&store, &demand, 3_000, 40).await, 15);
+    assert!(
+        peer.check(&demand, 3_000).await.unwrap().is_err(),
+        "the peer sees the window full"
+    );
+    beat.abort();
+}

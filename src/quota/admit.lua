@@ -6,8 +6,11 @@
 -- KEYS[1]  the account's hash: 'latest' (ms) and 'cool:<bucket>' (ms)
 -- KEYS[2]  this admission's id: set once it is recorded (idempotent retries)
 -- KEYS[3..] one per window, in the order the windows follow in ARGV
--- ARGV[1]  'acquire' | 'check' | 'cool'
--- ARGV[2]  now in ms, or '' for the server's TIME
+-- ARGV[1]  'acquire' | 'check' | 'cool' | 'record'
+--          ('record': write back an admission a replica made on its own
+--          share while Redis was away, at its time, without any check)
+-- ARGV[2]  now in ms, or '' for the server's TIME (for 'record': the
+--          admission's time, on the server's clock)
 -- ARGV[3]  margin (ms)
 -- ARGV[4]  bucket index
 -- ARGV[5]  admission id (acquire) or cool-down length in ms (cool)
@@ -16,7 +19,8 @@
 -- Returns {0, wait_ms, which, now} when refused (which: 0 for a cool-down,
 -- else the window's 1-based index); {1, now} for a passed check or a
 -- recorded cool-down; {1 or 2, now, remaining_1, reset_1, ...} when
--- admitted (2: this id was admitted before, nothing recorded again).
+-- admitted (2: this id was admitted before, nothing recorded again);
+-- {1 or 2, now} for 'record'.
 
 local op, margin, bucket = ARGV[1], tonumber(ARGV[3]), ARGV[4]
 local DAY = 86400000
@@ -30,7 +34,7 @@ else
   now = tonumber(ARGV[2])
 end
 local latest = tonumber(redis.call('HGET', KEYS[1], 'latest') or '0')
-if latest > now then now = latest end
+if latest > now and op ~= 'record' then now = latest end
 
 -- Calendar months, UTC (Howard Hinnant's civil-date algorithms).
 local function days_from_civil(y, m, d)
@@ -110,6 +114,8 @@ local function record(w, id)
   end
   local current = month_index(now)
   local month, count, spill = month_ledger(w.key)
+  -- A written-back admission of a month the ledger has left behind.
+  if month > current then return end
   if month ~= current then
     if current == month + 1 then count = spill else count = 0 end
     spill = 0
@@ -174,6 +180,14 @@ end
 
 if op == 'acquire' and redis.call('EXISTS', KEYS[2]) == 1 then
   return standings(2)
+end
+
+if op == 'record' then
+  if redis.call('EXISTS', KEYS[2]) == 1 then return { 2, now } end
+  for i = 1, n do record(windows[i], ARGV[5]) end
+  keep(0)
+  redis.call('SET', KEYS[2], '1', 'PX', 600000)
+  return { 1, now }
 end
 
 local cooling = tonumber(redis.call('HGET', KEYS[1], 'cool:' .. bucket) or '0')

@@ -18,17 +18,25 @@
 //!
 //! `/metrics` headroom never waits: it shows what the last decision for
 //! each window said.
+//!
+//! With `on_error = "local_share"`, a call that fails (or any call while
+//! the store is known to be away, so no request waits on it) is decided by
+//! an in-memory store of this replica's own, every limit divided by
+//! `replicas`: together the replicas stay within Knoq's limits. Each
+//! admission made so is kept (with its id and time) and written back, by
+//! the script's `record`, before the first decision Redis makes again; the
+//! id makes a repeated write-back count once.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
 
-use super::store::{Demand, QuotaStore, StoreFuture};
+use super::store::{Demand, LocalStore, QuotaStore, StoreFuture};
 use super::window::{Period, Window};
 use super::{Bucket, Grant, Policy, Refusal, Scope, Standing};
 use crate::clock::Millis;
-use crate::shared_store::{retryable, SharedStore, StoreError};
+use crate::shared_store::{retryable, OnStoreError, SharedStore, StoreError};
 
 const SCRIPT: &str = include_str!("admit.lua");
 
@@ -58,6 +66,58 @@ pub struct SharedQuotaStore {
     replica: String,
     next_id: AtomicU64,
     seen: DashMap<(Box<str>, Bucket, Window), Seen>,
+    /// Redis's clock minus the caller's, as of the last answer (ms).
+    skew: AtomicI64,
+    fallback: Option<Fallback>,
+}
+
+/// This replica's share while Redis is away (`local_share`).
+struct Fallback {
+    replicas: u32,
+    local: LocalStore,
+    owed: Mutex<Vec<Owed>>,
+    /// Set from the first admission on the share until all are written
+    /// back: while set, no decision goes to Redis before the write-back.
+    owing: std::sync::atomic::AtomicBool,
+    /// One write-back at a time; the others wait for it.
+    writing: tokio::sync::Mutex<()>,
+}
+
+/// An admission made on the replica's share, to be written back.
+struct Owed {
+    user: Box<str>,
+    token: Box<str>,
+    bucket: Bucket,
+    user_windows: Vec<Window>,
+    token_windows: Vec<Window>,
+    id: String,
+    at: Millis,
+}
+
+/// A bound on admissions kept for write-back (each limit's share bounds
+/// them already; this bounds a misconfiguration).
+const MAX_OWED: usize = 100_000;
+
+impl Fallback {
+    /// The demand's windows on this replica's share.
+    fn shares(&self, demand: &Demand<'_>) -> (Vec<Window>, Vec<Window>) {
+        (
+            share(demand.user_windows, self.replicas),
+            share(demand.token_windows, self.replicas),
+        )
+    }
+}
+
+/// `windows` with every limit divided by `replicas`, rounded down.
+fn share(windows: &[Window], replicas: u32) -> Vec<Window> {
+    windows
+        .iter()
+        .map(|w| {
+            let mut w = w.clone();
+            w.limit /= replicas.max(1);
+            w
+        })
+        .collect()
 }
 
 /// What the script was asked, and of which windows, in its order.
@@ -75,14 +135,147 @@ impl SharedQuotaStore {
         let mut seed = [0u8; 8];
         getrandom::getrandom(&mut seed).expect("the OS has a random source");
         SharedQuotaStore {
-            store,
             script: redis::Script::new(SCRIPT),
             margin,
             time,
             replica: format!("{:016x}", u64::from_le_bytes(seed)),
             next_id: AtomicU64::new(0),
             seen: DashMap::new(),
+            skew: AtomicI64::new(0),
+            fallback: match store.on_error() {
+                OnStoreError::Reject => None,
+                OnStoreError::LocalShare { replicas } => Some(Fallback {
+                    replicas,
+                    local: LocalStore::in_memory(margin),
+                    owed: Mutex::new(Vec::new()),
+                    owing: std::sync::atomic::AtomicBool::new(false),
+                    writing: tokio::sync::Mutex::new(()),
+                }),
+            },
+            store,
         }
+    }
+
+    fn new_id(&self) -> String {
+        format!(
+            "{}-{}",
+            self.replica,
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// Notes Redis's time in an answer (its `now` at `index`).
+    fn note_skew(&self, answer: &[i64], index: usize, now: Millis) {
+        if let Some(server) = answer.get(index) {
+            self.skew.store(server - now as i64, Ordering::Relaxed);
+        }
+    }
+
+    /// Admits on this replica's share, and keeps the admission for
+    /// write-back.
+    /// `id`: the admission's id when a call to Redis failed (it may have
+    /// counted there: the write-back then counts it once).
+    async fn acquire_on_share(
+        &self,
+        fallback: &Fallback,
+        demand: &Demand<'_>,
+        now: Millis,
+        id: Option<String>,
+    ) -> Result<Result<Grant, Refusal>, StoreError> {
+        let (user_windows, token_windows) = fallback.shares(demand);
+        let scaled = Demand {
+            user_windows: &user_windows,
+            token_windows: &token_windows,
+            ..*demand
+        };
+        let decision = fallback.local.acquire(&scaled, now).await?;
+        if decision.is_ok() {
+            let mut owed = fallback.owed.lock().unwrap_or_else(|p| p.into_inner());
+            if owed.len() >= MAX_OWED {
+                owed.remove(0);
+            }
+            owed.push(Owed {
+                user: demand.user.into(),
+                token: demand.token.into(),
+                bucket: demand.bucket,
+                user_windows: demand.user_windows.to_vec(),
+                token_windows: demand.token_windows.to_vec(),
+                id: id.unwrap_or_else(|| self.new_id()),
+                at: now,
+            });
+            fallback.owing.store(true, Ordering::SeqCst);
+        }
+        Ok(decision)
+    }
+
+    /// What the share would refuse.
+    async fn check_on_share(
+        &self,
+        fallback: &Fallback,
+        demand: &Demand<'_>,
+        now: Millis,
+    ) -> Result<Result<(), Refusal>, StoreError> {
+        let (user_windows, token_windows) = fallback.shares(demand);
+        let scaled = Demand {
+            user_windows: &user_windows,
+            token_windows: &token_windows,
+            ..*demand
+        };
+        fallback.local.check(&scaled, now).await
+    }
+
+    /// Whether decisions are Redis's again: it answers and what the share
+    /// admitted meanwhile is written back.
+    async fn back_on_redis(&self, fallback: &Fallback) -> bool {
+        self.store.is_up() && self.write_back(fallback).await.is_ok()
+    }
+
+    /// Writes back what was admitted on the share while Redis was away,
+    /// before Redis decides anything again. Stops at the first failure,
+    /// keeping the rest.
+    async fn write_back(&self, fallback: &Fallback) -> Result<(), StoreError> {
+        if !fallback.owing.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let _one = fallback.writing.lock().await;
+        let owed: Vec<Owed> =
+            std::mem::take(&mut *fallback.owed.lock().unwrap_or_else(|p| p.into_inner()));
+        if owed.is_empty() {
+            // Another task wrote them back while this one waited.
+            return Ok(());
+        }
+        let total = owed.len();
+        let skew = self.skew.load(Ordering::Relaxed);
+        for (done, o) in owed.iter().enumerate() {
+            let demand = Demand {
+                user: &o.user,
+                token: &o.token,
+                bucket: o.bucket,
+                user_windows: &o.user_windows,
+                token_windows: &o.token_windows,
+            };
+            let call = self.prepare_with("record", &demand, o.id.clone());
+            let at = match self.time {
+                StoreTime::Server => (o.at as i64 + skew).max(0) as Millis,
+                StoreTime::Caller => o.at,
+            };
+            if let Err(e) = self
+                .run_at("acquire", &call, o.bucket, Some(at), &o.id)
+                .await
+            {
+                let mut kept = fallback.owed.lock().unwrap_or_else(|p| p.into_inner());
+                let rest: Vec<Owed> = owed.into_iter().skip(done).collect();
+                kept.splice(0..0, rest);
+                return Err(e);
+            }
+        }
+        {
+            // Admissions made on the share while this ran wait for the next.
+            let kept = fallback.owed.lock().unwrap_or_else(|p| p.into_inner());
+            fallback.owing.store(!kept.is_empty(), Ordering::SeqCst);
+        }
+        tracing::info!(admissions = total, "wrote back to the shared store what this replica admitted on its share while it was away");
+        Ok(())
     }
 
     fn window_key(&self, demand: &Demand<'_>, scope: Scope, w: &Window) -> String {
@@ -105,17 +298,16 @@ impl SharedQuotaStore {
     }
 
     fn prepare<'d>(&self, op: &'static str, demand: &'d Demand<'d>) -> Call<'d> {
+        self.prepare_with(op, demand, self.new_id())
+    }
+
+    fn prepare_with<'d>(&self, op: &'static str, demand: &'d Demand<'d>, id: String) -> Call<'d> {
         let windows: Vec<(Scope, &Window)> = demand
             .user_windows
             .iter()
             .map(|w| (Scope::User, w))
             .chain(demand.token_windows.iter().map(|w| (Scope::Token, w)))
             .collect();
-        let id = format!(
-            "{}-{}",
-            self.replica,
-            self.next_id.fetch_add(1, Ordering::Relaxed)
-        );
         let mut keys = Vec::with_capacity(windows.len() + 2);
         keys.push(self.store.key(demand.user, "account"));
         keys.push(self.store.key(demand.user, &format!("id:{id}")));
@@ -138,16 +330,30 @@ impl SharedQuotaStore {
         now: Millis,
         extra: &str,
     ) -> Result<Vec<i64>, StoreError> {
+        let at = match self.time {
+            StoreTime::Server => None,
+            StoreTime::Caller => Some(now),
+        };
+        self.run_at(op_label, call, bucket, at, extra).await
+    }
+
+    /// As [`run`](Self::run), at `at` on the script's clock (`None`: Redis's
+    /// `TIME`).
+    async fn run_at(
+        &self,
+        op_label: &'static str,
+        call: &Call<'_>,
+        bucket: Bucket,
+        at: Option<Millis>,
+        extra: &str,
+    ) -> Result<Vec<i64>, StoreError> {
         let mut invocation = self.script.prepare_invoke();
         for key in &call.keys {
             invocation.key(key);
         }
         invocation
             .arg(call.op)
-            .arg(match self.time {
-                StoreTime::Server => String::new(),
-                StoreTime::Caller => now.to_string(),
-            })
+            .arg(at.map_or_else(String::new, |t| t.to_string()))
             .arg(self.margin)
             .arg(bucket as usize)
             .arg(extra)
@@ -238,13 +444,38 @@ impl QuotaStore for SharedQuotaStore {
         now: Millis,
     ) -> StoreFuture<'a, Result<Grant, Refusal>> {
         Box::pin(async move {
+            if let Some(fallback) = &self.fallback {
+                // Away: decide at once on the share, without waiting for
+                // a store known not to answer (the heartbeat finds it back).
+                if !self.back_on_redis(fallback).await {
+                    return self.acquire_on_share(fallback, demand, now, None).await;
+                }
+            }
             let call = self.prepare("acquire", demand);
-            let answer = self
+            let answer = match self
                 .run("acquire", &call, demand.bucket, now, &call.id)
-                .await?;
+                .await
+            {
+                Ok(answer) => answer,
+                Err(e) => match &self.fallback {
+                    // Refused by the script, the id never counted there.
+                    Some(fallback) => {
+                        return self
+                            .acquire_on_share(fallback, demand, now, Some(call.id.clone()))
+                            .await
+                    }
+                    None => return Err(e),
+                },
+            };
             Ok(match answer.first() {
-                Some(1) | Some(2) => Ok(self.grant(demand, &call, &answer, now)),
-                _ => Err(self.refusal(demand, &call, &answer, now)),
+                Some(1) | Some(2) => {
+                    self.note_skew(&answer, 1, now);
+                    Ok(self.grant(demand, &call, &answer, now))
+                }
+                _ => {
+                    self.note_skew(&answer, 3, now);
+                    Err(self.refusal(demand, &call, &answer, now))
+                }
             })
         })
     }
@@ -255,8 +486,19 @@ impl QuotaStore for SharedQuotaStore {
         now: Millis,
     ) -> StoreFuture<'a, Result<(), Refusal>> {
         Box::pin(async move {
+            if let Some(fallback) = &self.fallback {
+                if !self.back_on_redis(fallback).await {
+                    return self.check_on_share(fallback, demand, now).await;
+                }
+            }
             let call = self.prepare("check", demand);
-            let answer = self.run("check", &call, demand.bucket, now, "").await?;
+            let answer = match self.run("check", &call, demand.bucket, now, "").await {
+                Ok(answer) => answer,
+                Err(e) => match &self.fallback {
+                    Some(fallback) => return self.check_on_share(fallback, demand, now).await,
+                    None => return Err(e),
+                },
+            };
             Ok(match answer.first() {
                 Some(1) => Ok(()),
                 _ => Err(self.refusal(demand, &call, &answer, now)),
@@ -272,6 +514,10 @@ impl QuotaStore for SharedQuotaStore {
         until: Millis,
     ) -> StoreFuture<'a, ()> {
         Box::pin(async move {
+            // The share keeps Knoq's cool-downs too, for when Redis is away.
+            if let Some(fallback) = &self.fallback {
+                fallback.local.cool_down(user, bucket, now, until).await?;
+            }
             let demand = Demand {
                 user,
                 token: "",
@@ -283,9 +529,10 @@ impl QuotaStore for SharedQuotaStore {
             // No admission: the id key is never written.
             call.keys[1] = self.store.key(user, "id:-");
             let length = until.saturating_sub(now).to_string();
-            self.run("cool_down", &call, bucket, now, &length)
-                .await
-                .map(drop)
+            match self.run("cool_down", &call, bucket, now, &length).await {
+                Err(_) if self.fallback.is_some() => Ok(()),
+                other => other.map(drop),
+            }
         })
     }
 
