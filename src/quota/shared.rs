@@ -320,8 +320,8 @@ impl SharedQuotaStore {
         }
     }
 
-    /// Runs the script once, and once more with the same arguments if the
-    /// connection broke (within the store's one deadline).
+    /// Runs the script, and again with the same arguments while the
+    /// connection is broken, within the store's one deadline.
     async fn run(
         &self,
         op_label: &'static str,
@@ -367,9 +367,16 @@ impl SharedQuotaStore {
         }
         self.store
             .call(op_label, |mut connection| async move {
-                match invocation.invoke_async(&mut connection).await {
-                    Err(e) if retryable(&e) => invocation.invoke_async(&mut connection).await,
-                    other => other,
+                // A broken connection is remade in the background: try
+                // again (same id, so counted once) until the store's
+                // deadline ends the call.
+                loop {
+                    match invocation.invoke_async(&mut connection).await {
+                        Err(e) if retryable(&e) => {
+                            tokio::time::sleep(std::time::Duration::from_millis(5)).await
+                        }
+                        other => return other,
+                    }
                 }
             })
             .await
