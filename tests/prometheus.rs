@@ -146,7 +146,17 @@ async fn every_dashboard_and_alert_expression_works_against_real_prometheus() {
         "{said}"
     );
 
-    let bed = metrics_bed().await;
+    // On a Redis store, so the shared-store panels and alert have series.
+    let redis = RedisServer::start();
+    let bed = BedBuilder {
+        tail_toml: format!(
+            "{}[quotas]\nsession = [\"1/hour\"]\n[retry]\nbase_delay = \"5ms\"\nmax_delay = \"10ms\"\n",
+            redis_store_toml(&redis)
+        ),
+        ..TestBed::builder()
+    }
+    .start()
+    .await;
     let c = client();
     // Mixed traffic: successes, a quota rejection, a 502 burst with retries,
     // Knoq's own 429, a rotation and an expired cookie.
