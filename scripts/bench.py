@@ -48,9 +48,10 @@ def sh(cmd, **kw):
 
 
 def ensure_tools():
-    missing = [t for t in ("wrk", "nginx") if not shutil.which(t) and not os.path.exists("/usr/sbin/" + t)]
+    missing = [t for t in ("wrk", "nginx", "redis-server")
+               if not shutil.which(t) and not os.path.exists("/usr/sbin/" + t)]
     if missing:
-        pkgs = ["wrk" if t == "wrk" else "nginx-light" for t in missing]
+        pkgs = [{"wrk": "wrk", "nginx": "nginx-light", "redis-server": "redis-server"}[t] for t in missing]
         sudo = [] if os.geteuid() == 0 else ["sudo"]
         sh(sudo + ["apt-get", "update", "-qq"])
         sh(sudo + ["apt-get", "install", "-y", "-qq", "--no-install-recommends"] + pkgs,
@@ -159,7 +160,7 @@ def setup(bed, tmp):
     return up, path, len(body)
 
 
-def gateway_config(tmp, up, log_level, read_quota, http2="true", name="gateway"):
+def gateway_config(tmp, up, log_level, read_quota, http2="true", name="gateway", store=""):
     users, tokens = [], []
     token0 = None
     for u in range(50):
@@ -185,6 +186,7 @@ dir = "state-{name}"
 level = "{log_level}"
 [quotas]
 read = [{f'"{read_quota}"' if read_quota else ""}]
+{store}
 """ + "".join(users) + "".join(tokens)
     path = os.path.join(tmp, f"{name}.toml")
     with open(path, "w") as f:
@@ -340,6 +342,19 @@ def main():
         fl = bed.start([FLOOR, f"127.0.0.1:{fl_port}", f"https://127.0.0.1:{up}", os.path.join(tmp, "ca.pem"),
                         token, COOKIE, ORIGIN], 0)
         wait_port(fl_port)
+        # The gateway on a shared store: a Redis of its own on CPU 0 with
+        # it (measured together: a replica's cost includes its store calls).
+        rd_port = free_port()
+        rd = bed.start(["redis-server", "--port", str(rd_port), "--bind", "127.0.0.1", "--save", "",
+                        "--appendonly", "no", "--dir", tmp], 0)
+        wait_port(rd_port)
+        write_private(os.path.join(tmp, "store.key"), "ab" * 32 + "\n")
+        store = (f'[store]\nkind = "redis"\nurl = "redis://127.0.0.1:{rd_port}/0"\n'
+                 'secret_key_file = "store.key"\n')
+        gr_cfg, gr_port, _ = gateway_config(tmp, up, a.gateway_log, a.read_quota, a.upstream_http2,
+                                            "gateway-redis", store)
+        gr = bed.start([BIN, "serve", "--config", gr_cfg], 0)
+        wait_port(gr_port)
         baseline = None
         if a.baseline:
             bl_cfg, bl_port, _ = gateway_config(tmp, up, a.gateway_log, a.read_quota, a.upstream_http2, "baseline")
@@ -350,6 +365,8 @@ def main():
             "nginx": (f"http://127.0.0.1:{ng_port}{path}", [f"Authorization: Bearer {token}"], ng_pids, ng_port),
             "floor": (f"http://127.0.0.1:{fl_port}{path}", [f"Authorization: Bearer {token}"], [fl.pid], fl_port),
             "knoq-gateway": (f"http://127.0.0.1:{gw_port}{path}", [f"Authorization: Bearer {token}"], [gw.pid], gw_port),
+            "gateway-redis": (f"http://127.0.0.1:{gr_port}{path}", [f"Authorization: Bearer {token}"],
+                              [gr.pid, rd.pid], gr_port),
         }
         if baseline:
             targets["baseline"] = (f"http://127.0.0.1:{bl_port}{path}", [f"Authorization: Bearer {token}"],
@@ -389,6 +406,7 @@ def main():
         ratio("floor", "nginx", full)
         ratio("knoq-gateway", "floor", full)
         ratio("knoq-gateway", "baseline", full)
+        ratio("gateway-redis", "knoq-gateway", full + [("p50", "p50")])
         ratio("knoq-gateway", "direct", [("rps", "req/s")])
         ratio("nginx", "direct", [("rps", "req/s")])
     finally:
