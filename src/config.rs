@@ -28,7 +28,7 @@ use serde::Deserialize;
 use crate::clock::Millis;
 use crate::quota::window::Window;
 use crate::quota::{Bucket, BucketOverrides, BucketWindows};
-use crate::shared_store::{OnStoreError, RedisSettings, StoreSettings};
+use crate::shared_store::{OnStoreError, RedisSettings, RedisUrls, StoreSettings};
 use crate::units::{parse_duration, parse_size};
 use crate::upstream::retry::Backoff;
 
@@ -217,13 +217,21 @@ struct RawCircuit {
 #[serde(deny_unknown_fields)]
 struct RawStore {
     kind: Option<String>,
-    url: Option<String>,
+    url: Option<RawUrls>,
     password_file: Option<PathBuf>,
     key_prefix: Option<String>,
     timeout: Option<String>,
     on_error: Option<String>,
     replicas: Option<u32>,
     secret_key_file: Option<PathBuf>,
+}
+
+/// `store.url`: one URL (one server) or a list (a cluster's seeds).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawUrls {
+    One(String),
+    Seeds(Vec<String>),
 }
 
 /// Windows per bucket, e.g. `message = ["60/min", "5000/month"]`.
@@ -987,16 +995,21 @@ impl RawStore {
             None => {
                 c.problem(
                     "store.url",
-                    "store.kind = \"redis\" needs the server's URL, e.g. \"redis://127.0.0.1:6379/0\"",
+                    "store.kind = \"redis\" needs the server's URL, e.g. \"redis://127.0.0.1:6379/0\" (or a list of a Redis Cluster's nodes)",
                 );
-                String::new()
+                RedisUrls::Server(String::new())
             }
-            Some(url) => {
-                match check_redis_url(&url) {
-                    Ok(()) => {}
-                    Err(e) => c.problem("store.url", e),
+            Some(RawUrls::One(url)) => {
+                if let Err(e) = check_redis_url(&url) {
+                    c.problem("store.url", e);
                 }
-                url
+                RedisUrls::Server(url)
+            }
+            Some(RawUrls::Seeds(urls)) => {
+                if let Err(e) = check_cluster_urls(&urls) {
+                    c.problem("store.url", e);
+                }
+                RedisUrls::Cluster(urls)
             }
         };
         let secret_key_file = match self.secret_key_file {
@@ -1046,6 +1059,39 @@ fn check_redis_url(url: &str) -> Result<(), String> {
     redis::IntoConnectionInfo::into_connection_info(url)
         .map(drop)
         .map_err(|e| format!("is not a Redis URL: {e}"))
+}
+
+/// A cluster's seed nodes: at least one, each a Redis URL as above, all
+/// with one scheme, none naming a database other than 0 (a cluster has
+/// only database 0). Messages name the seed by position, never by URL.
+fn check_cluster_urls(urls: &[String]) -> Result<(), String> {
+    if urls.is_empty() {
+        return Err(
+            "lists no node: give one URL for one server, or the URLs of a Redis Cluster's nodes"
+                .into(),
+        );
+    }
+    for (i, url) in urls.iter().enumerate() {
+        check_redis_url(url).map_err(|e| format!("node {}: {e}", i + 1))?;
+        let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
+            .map_err(|e| format!("node {} is not a Redis URL: {e}", i + 1))?;
+        if info.redis_settings().db() != 0 {
+            return Err(format!(
+                "node {} names database {}: a Redis Cluster has only database 0",
+                i + 1,
+                info.redis_settings().db()
+            ));
+        }
+    }
+    let schemes: std::collections::BTreeSet<&str> = urls
+        .iter()
+        .filter_map(|u| u.split_once("://"))
+        .map(|(s, _)| s)
+        .collect();
+    if schemes.len() > 1 {
+        return Err("mixes redis:// and rediss://: a cluster's nodes are reached one way".into());
+    }
+    Ok(())
 }
 
 impl RawBucketQuotas {
@@ -1392,6 +1438,54 @@ mod tests {
 
     fn user_and_token() -> String {
         format!("[[users]]\nname = \"a\"\ncookie_env = \"A\"\n[[tokens]]\nname = \"t\"\nuser = \"a\"\nsha256 = \"{HASH}\"\n")
+    }
+
+    #[test]
+    fn one_url_is_one_server_and_a_list_is_a_clusters_seeds() {
+        let store = |url: &str| {
+            format!(
+                "{}[store]\nkind = \"redis\"\nurl = {url}\nsecret_key_file = \"k\"\n",
+                user_and_token()
+            )
+        };
+        let urls = |text: &str| match parse(&store(text)).unwrap().store {
+            StoreSettings::Redis(r) => r.url,
+            StoreSettings::Local => panic!("redis expected"),
+        };
+        assert_eq!(
+            urls("\"redis://10.0.0.1:6379/2\""),
+            RedisUrls::Server("redis://10.0.0.1:6379/2".into())
+        );
+        assert_eq!(
+            urls("[\"redis://10.0.0.1:7000\", \"redis://10.0.0.2:7000\"]"),
+            RedisUrls::Cluster(vec![
+                "redis://10.0.0.1:7000".into(),
+                "redis://10.0.0.2:7000".into()
+            ])
+        );
+        // A list of one is still a cluster: its other nodes are learned.
+        assert!(matches!(
+            urls("[\"rediss://10.0.0.1:7000\"]"),
+            RedisUrls::Cluster(u) if u.len() == 1
+        ));
+        for (bad, says) in [
+            ("[]", "lists no node"),
+            (
+                "[\"redis://a:7000\", \"redis://b:7000/3\"]",
+                "node 2 names database 3",
+            ),
+            (
+                "[\"redis://a:7000\", \"rediss://b:7000\"]",
+                "mixes redis:// and rediss://",
+            ),
+            ("[\"redis://u:hunter2@a:7000\"]", "node 1: holds a password"),
+            ("[\"http://a:7000\"]", "node 1: the scheme"),
+        ] {
+            let problem = only_problem(&store(bad));
+            assert!(problem.starts_with("store.url:"), "{bad}: {problem}");
+            assert!(problem.contains(says), "{bad}: {problem}");
+            assert!(!problem.contains("hunter2"), "{problem}");
+        }
     }
 
     #[test]

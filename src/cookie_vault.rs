@@ -247,12 +247,12 @@ impl Vault {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shared_store::{OnStoreError, RedisSettings};
+    use crate::shared_store::{OnStoreError, RedisSettings, RedisUrls};
 
     fn vault(key: u8) -> Vault {
         // Never connected: sealing and opening need no server.
         let settings = RedisSettings {
-            url: "redis://127.0.0.1:1/0".into(),
+            url: RedisUrls::Server("redis://127.0.0.1:1/0".into()),
             password_file: None,
             secret_key_file: Default::default(),
             key_prefix: "t:".into(),

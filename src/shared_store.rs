@@ -15,6 +15,14 @@
 //! tag, so everything one request touches lives in one Redis Cluster slot
 //! and one script can change it atomically.
 //!
+//! One server or a Redis Cluster: `store.url` as one URL is one server; a
+//! list of URLs is the seed nodes of a cluster, reached through redis-rs's
+//! cluster client (which follows `MOVED`/`ASK` and loads scripts on every
+//! master). Pub/sub on a cluster goes through one seed node at a time:
+//! Redis forwards every `PUBLISH` to every node, so one subscriber
+//! connection hears the whole cluster, and a subscriber that loses its node
+//! takes the next seed.
+//!
 //! Secrets: a password comes only from `password_file` (a URL with one in
 //! it is refused by the config), and neither the URL nor any value stored
 //! is ever logged or exported.
@@ -22,12 +30,15 @@
 use std::fmt;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use prometheus::core::Collector;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts};
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 /// Store-call latency buckets, 100 µs to 1 s: a loopback Redis answers in
 /// well under a millisecond, and `timeout` is tens of milliseconds.
@@ -74,12 +85,32 @@ pub enum OnStoreError {
     LocalShare { replicas: u32 },
 }
 
-/// Nothing secret here: the URL never holds a password (the config
+/// Where Redis is. No URL holds a password (the config refuses one).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RedisUrls {
+    /// One server: `url = "redis://host:6379/0"` (or `rediss://`).
+    Server(String),
+    /// The seed nodes of a Redis Cluster: `url = ["redis://a:6379", …]`.
+    /// Any one that answers is enough to learn the rest.
+    Cluster(Vec<String>),
+}
+
+impl RedisUrls {
+    /// Every URL given, the one server's or the seeds'.
+    pub fn all(&self) -> &[String] {
+        match self {
+            RedisUrls::Server(url) => std::slice::from_ref(url),
+            RedisUrls::Cluster(urls) => urls,
+        }
+    }
+}
+
+/// Nothing secret here: the URLs never hold a password (the config
 /// refuses one), and the password file is only named.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RedisSettings {
-    /// `redis://` or `rediss://`, never with a password in it.
-    pub url: String,
+    /// `redis://` or `rediss://`, one server or a cluster's seeds.
+    pub url: RedisUrls,
     pub password_file: Option<PathBuf>,
     /// 32 bytes (raw, or 64 hex digits) that encrypt the shared cookies.
     pub secret_key_file: PathBuf,
@@ -144,11 +175,79 @@ impl Instruments {
     }
 }
 
+/// The connection every call shares: to one server, or to a cluster.
+/// Clones share the same underlying connection(s).
+#[derive(Clone)]
+pub enum Connection {
+    Server(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Connection::Server(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Connection::Server(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Server(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// How the connection is made: at once (lazily connecting) for one
+/// server; at the first call for a cluster, whose client needs the
+/// runtime that calls it.
+enum Link {
+    Server(ConnectionManager),
+    Cluster(Box<ClusterLink>),
+}
+
+struct ClusterLink {
+    client: redis::cluster::ClusterClient,
+    config: redis::cluster::ClusterConfig,
+    connection: OnceLock<ClusterConnection>,
+}
+
+impl Link {
+    fn connection(&self) -> Connection {
+        match self {
+            Link::Server(c) => Connection::Server(c.clone()),
+            Link::Cluster(c) => Connection::Cluster(
+                c.connection
+                    .get_or_init(|| {
+                        c.client
+                            .get_pending_async_connection_with_config(c.config.clone())
+                    })
+                    .clone(),
+            ),
+        }
+    }
+}
+
 /// A connection to the shared Redis and the rules for using it.
 pub struct SharedStore {
-    connection: ConnectionManager,
-    /// For the subscriber's own connection (pub/sub needs one).
-    client: redis::Client,
+    link: Link,
+    /// For the subscriber's own connection (pub/sub needs one): the one
+    /// server, or each seed of a cluster in turn.
+    subscribers: Vec<redis::Client>,
+    next_subscriber: AtomicUsize,
     prefix: String,
     timeout: Duration,
     on_error: OnStoreError,
@@ -176,27 +275,60 @@ impl SharedStore {
         // rediss:// goes through rustls, which redis-rs asks for the
         // process's provider: ours is ring.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut info = redis::IntoConnectionInfo::into_connection_info(settings.url.as_str())
-            .map_err(|e| format!("store.url is not a Redis URL: {e}"))?;
-        if let Some(path) = &settings.password_file {
-            let password = crate::secrets::read_secret_line(path)?;
-            let redis = info.redis_settings().clone().set_password(password);
-            info = info.set_redis_settings(redis);
+        let password = match &settings.password_file {
+            Some(path) => Some(crate::secrets::read_secret_line(path)?),
+            None => None,
+        };
+        let mut infos = Vec::new();
+        for url in settings.url.all() {
+            let mut info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
+                .map_err(|e| format!("store.url is not a Redis URL: {e}"))?;
+            if let Some(password) = &password {
+                let redis = info.redis_settings().clone().set_password(password.clone());
+                info = info.set_redis_settings(redis);
+            }
+            infos.push(info);
         }
-        let client = redis::Client::open(info).map_err(|e| format!("store.url: {e}"))?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_response_timeout(Some(settings.timeout))
-            .set_connection_timeout(Some(settings.timeout.max(Duration::from_millis(500))))
-            // Reconnects keep being tried in the background; a call never
-            // waits for them longer than `timeout`.
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(1));
-        let connection = ConnectionManager::new_lazy_with_config(client.clone(), config)
+        let connect_within = settings.timeout.max(Duration::from_millis(500));
+        let subscribers = infos
+            .iter()
+            .map(|info| redis::Client::open(info.clone()))
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("store.url: {e}"))?;
+        let link = match &settings.url {
+            RedisUrls::Server(_) => {
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(settings.timeout))
+                    .set_connection_timeout(Some(connect_within))
+                    // Reconnects keep being tried in the background; a
+                    // call never waits for them longer than `timeout`.
+                    .set_number_of_retries(2)
+                    .set_max_delay(Duration::from_secs(1));
+                Link::Server(
+                    ConnectionManager::new_lazy_with_config(subscribers[0].clone(), config)
+                        .map_err(|e| format!("store.url: {e}"))?,
+                )
+            }
+            RedisUrls::Cluster(_) => Link::Cluster(Box::new(ClusterLink {
+                client: redis::cluster::ClusterClientBuilder::new(infos)
+                    // Redirections and reconnects are retried inside the
+                    // call's deadline, a few times, quickly.
+                    .retries(3)
+                    .min_retry_wait(5)
+                    .max_retry_wait(100)
+                    .build()
+                    .map_err(|e| format!("store.url: {e}"))?,
+                config: redis::cluster::ClusterConfig::new()
+                    .set_connection_timeout(connect_within)
+                    .set_response_timeout(settings.timeout),
+                connection: OnceLock::new(),
+            })),
+        };
         let instruments = Instruments::new();
         Ok(SharedStore {
-            connection,
-            client,
+            link,
+            subscribers,
+            next_subscriber: AtomicUsize::new(0),
             prefix: settings.key_prefix.clone(),
             timeout: settings.timeout,
             on_error: settings.on_error,
@@ -219,7 +351,10 @@ impl SharedStore {
     /// half-second a connection may take).
     pub async fn subscribe(&self, channel: &str) -> Result<redis::aio::PubSub, StoreError> {
         let deadline = self.timeout.max(Duration::from_millis(500));
-        let client = self.client.clone();
+        // Each attempt takes the next seed, so a subscriber whose node went
+        // away finds another (one server: always the same).
+        let turn = self.next_subscriber.fetch_add(1, Ordering::Relaxed);
+        let client = self.subscribers[turn % self.subscribers.len()].clone();
         let channel = channel.to_string();
         let made = tokio::time::timeout(deadline, async move {
             let mut pubsub = client.get_async_pubsub().await?;
@@ -288,11 +423,11 @@ impl SharedStore {
     /// store's health and metrics.
     pub async fn call<T, F, Fut>(&self, op: &'static str, call: F) -> Result<T, StoreError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Connection) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let started = Instant::now();
-        let outcome = tokio::time::timeout(self.timeout, call(self.connection.clone())).await;
+        let outcome = tokio::time::timeout(self.timeout, call(self.link.connection())).await;
         self.instruments
             .duration
             .with_label_values(&[op])

@@ -11,9 +11,9 @@ use support::*;
 
 const ROTATED: &str = "alice-shared-rotated-0002";
 
-async fn two_replicas(redis: &RedisServer) -> (TestBed, Replica) {
+async fn two_replicas(redis: &impl SharedRedis) -> (TestBed, Replica) {
     let bed = BedBuilder {
-        tail_toml: redis_store_toml(redis),
+        tail_toml: redis.store_toml(),
         ..TestBed::builder()
     }
     .start()
@@ -70,8 +70,18 @@ async fn in_step(a: std::net::SocketAddr, b: std::net::SocketAddr) -> u64 {
 
 #[tokio::test]
 async fn a_rotation_through_one_replica_reaches_the_other_at_once_and_never_in_clear() {
-    let redis = RedisServer::start();
-    let (bed, b) = two_replicas(&redis).await;
+    rotation_reaches_the_other(&RedisServer::start()).await;
+}
+
+#[tokio::test]
+async fn on_a_cluster_a_rotation_reaches_the_other_replica_at_once() {
+    // The notice is published on alice's master; each replica listens on
+    // a seed of its own turn, which Redis Cluster forwards it to.
+    rotation_reaches_the_other(&RedisCluster::start()).await;
+}
+
+async fn rotation_reaches_the_other(redis: &impl SharedRedis) {
+    let (bed, b) = two_replicas(redis).await;
     let token = bed.token("alice-svc").to_string();
     assert_eq!(list_via(bed.url(SESSIONS), &token).await.status, 200);
     assert_eq!(list_via(b.url(SESSIONS), &token).await.status, 200);
@@ -118,14 +128,22 @@ async fn a_rotation_through_one_replica_reaches_the_other_at_once_and_never_in_c
 
 #[tokio::test]
 async fn a_replica_with_a_stale_cookie_resends_once_with_the_shared_one_instead_of_expiring() {
-    let redis = RedisServer::start();
-    let (bed, b) = two_replicas(&redis).await;
+    stale_cookie_resends_once(&RedisServer::start()).await;
+}
+
+#[tokio::test]
+async fn on_a_cluster_a_replica_that_missed_a_notice_resends_once_and_listens_again() {
+    stale_cookie_resends_once(&RedisCluster::start()).await;
+}
+
+async fn stale_cookie_resends_once(redis: &impl SharedRedis) {
+    let (bed, b) = two_replicas(redis).await;
     let token = bed.token("alice-svc").to_string();
     assert_eq!(list_via(b.url(SESSIONS), &token).await.status, 200);
     let before = in_step(bed.admin, b.admin).await;
     // Cut the replicas' subscriptions: B misses the notice of the
     // rotation A is about to store, and still holds the old cookie.
-    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    redis.on_every_node(&["CLIENT", "KILL", "TYPE", "pubsub"]);
     bed.control.rotate_cookie("alice", ROTATED);
     assert_eq!(list_via(bed.url(SESSIONS), &token).await.status, 200);
     bed.control.clear_requests();
@@ -291,11 +309,19 @@ async fn flood(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_gateway_processes_on_one_redis_admit_exactly_one_gateways_quota_through_faults() {
-    let redis = RedisServer::start();
+    three_processes_flood(&RedisServer::start()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_gateway_processes_on_a_three_master_cluster_admit_exactly_one_gateways_quota() {
+    three_processes_flood(&RedisCluster::start()).await;
+}
+
+async fn three_processes_flood(redis: &impl SharedRedis) {
     let bed = BedBuilder {
         tail_toml: format!(
             "{}timeout = \"200ms\"\n[quotas]\nmessage = [\"25/hour\"]\n",
-            redis_store_toml(&redis)
+            redis.store_toml()
         ),
         ..TestBed::builder()
     }
@@ -329,19 +355,21 @@ async fn three_gateway_processes_on_one_redis_admit_exactly_one_gateways_quota_t
     // to Redis is killed while the floods run. Requests end (admitted,
     // 429, or 503 quota_store_unavailable), and every admission is
     // counted exactly once: what Knoq received is what Redis holds.
-    redis.cli(&["FLUSHALL"]);
+    redis.on_every_node(&["FLUSHALL"]);
     bed.control.clear_requests();
     let floods = procs.iter().map(|p| flood(p.proxy, &token, &sid, 15, "b"));
     let killer = async {
         let mut killed = 0;
         for _ in 0..5 {
             tokio::time::sleep(Duration::from_millis(15)).await;
-            let said = redis.cli(&["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"]);
-            killed += said
-                .trim()
-                .trim_start_matches("(integer) ")
-                .parse::<usize>()
-                .unwrap_or(0);
+            for said in redis.on_every_node(&["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"])
+            {
+                killed += said
+                    .trim()
+                    .trim_start_matches("(integer) ")
+                    .parse::<usize>()
+                    .unwrap_or(0);
+            }
         }
         killed
     };

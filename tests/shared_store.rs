@@ -12,12 +12,16 @@ use knoq_gateway::quota::window::Window;
 use knoq_gateway::quota::{
     Bucket, Demand, LocalStore, QuotaStore, SharedQuotaStore, StoreError, StoreTime,
 };
-use knoq_gateway::shared_store::{OnStoreError, RedisSettings, SharedStore};
-use support::RedisServer;
+use knoq_gateway::shared_store::{OnStoreError, RedisSettings, RedisUrls, SharedStore};
+use support::{RedisCluster, RedisServer};
 
 fn settings(redis: &RedisServer, timeout: Duration) -> RedisSettings {
+    on_urls(RedisUrls::Server(redis.url()), timeout)
+}
+
+fn on_urls(url: RedisUrls, timeout: Duration) -> RedisSettings {
     RedisSettings {
-        url: redis.url(),
+        url,
         password_file: None,
         secret_key_file: Default::default(),
         key_prefix: "kgw-test:".into(),
@@ -69,8 +73,31 @@ fn next_month_start(t: u64) -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shared_store_decides_exactly_as_the_local_one() {
     let redis = RedisServer::start();
+    decides_as_the_local_store(RedisUrls::Server(redis.url())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_three_master_cluster_the_shared_store_decides_exactly_as_the_local_one() {
+    let cluster = RedisCluster::start();
+    decides_as_the_local_store(RedisUrls::Cluster(cluster.urls())).await;
+    // The accounts' keys were spread over the masters, each account's in
+    // its own slot.
+    let holding = cluster
+        .nodes
+        .iter()
+        .filter(|n| n.cli(&["DBSIZE"]).trim() != "0")
+        .count();
+    assert!(
+        holding >= 2,
+        "the accounts landed on {holding} of 3 masters"
+    );
+}
+
+/// 1500 random steps over three accounts (each its own hash tag), the
+/// same demands at the same times to the local and the shared store.
+async fn decides_as_the_local_store(url: RedisUrls) {
     let margin = 300;
-    let shared = Arc::new(SharedStore::connect(&settings(&redis, Duration::from_secs(2))).unwrap());
+    let shared = Arc::new(SharedStore::connect(&on_urls(url, Duration::from_secs(2))).unwrap());
     let remote = SharedQuotaStore::new(shared, margin, StoreTime::Caller);
     let local = LocalStore::in_memory(margin);
 
@@ -99,7 +126,7 @@ async fn the_shared_store_decides_exactly_as_the_local_one() {
         let bucket = [Bucket::Message, Bucket::Session, Bucket::Cancel][b];
         let t = rng.below(2) as usize;
         let demand = Demand {
-            user: "alice",
+            user: ["alice", "bob", "carol"][rng.below(3) as usize],
             token: tokens[t],
             bucket,
             user_windows: &user_windows[b],

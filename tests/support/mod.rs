@@ -711,6 +711,121 @@ impl RedisServer {
     }
 }
 
+/// A Redis Cluster of three masters (no replicas) on loopback, each a
+/// [`RedisServer`] started with `--cluster-enabled yes`, joined by
+/// `redis-cli --cluster create`; ready once every node says
+/// `cluster_state:ok`. Stopped with its servers.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| {
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                ])
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let made = std::process::Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap();
+        assert!(
+            made.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&made.stdout)
+        );
+        let cluster = RedisCluster { nodes };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !cluster
+            .nodes
+            .iter()
+            .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the cluster did not reach cluster_state:ok"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        cluster
+    }
+
+    /// Every node's URL: the seeds for `store.url`.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect()
+    }
+
+    /// `[store]` on the cluster for a bed, as [`redis_store_toml`].
+    pub fn store_toml(&self) -> String {
+        let list: Vec<String> = self.urls().iter().map(|u| format!("\"{u}\"")).collect();
+        format!(
+            "[store]\nkind = \"redis\"\nurl = [{}]\nsecret_key_file = \"store.key\"\n",
+            list.join(", ")
+        )
+    }
+
+    /// `redis-cli -c` (following redirections) from the first node.
+    pub fn cli(&self, args: &[&str]) -> String {
+        std::process::Command::new("redis-cli")
+            .args(["-c", "-p"])
+            .arg(self.nodes[0].port.to_string())
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// What a test needs of the shared Redis, one server or a cluster: the
+/// bed's `[store]`, a command where the key lives, and a command on every
+/// node (e.g. `FLUSHALL`, `CLIENT KILL`).
+pub trait SharedRedis {
+    fn store_toml(&self) -> String;
+    fn cli(&self, args: &[&str]) -> String;
+    fn on_every_node(&self, args: &[&str]) -> Vec<String>;
+}
+
+impl SharedRedis for RedisServer {
+    fn store_toml(&self) -> String {
+        redis_store_toml(self)
+    }
+    fn cli(&self, args: &[&str]) -> String {
+        RedisServer::cli(self, args)
+    }
+    fn on_every_node(&self, args: &[&str]) -> Vec<String> {
+        vec![RedisServer::cli(self, args)]
+    }
+}
+
+impl SharedRedis for RedisCluster {
+    fn store_toml(&self) -> String {
+        RedisCluster::store_toml(self)
+    }
+    fn cli(&self, args: &[&str]) -> String {
+        RedisCluster::cli(self, args)
+    }
+    fn on_every_node(&self, args: &[&str]) -> Vec<String> {
+        self.nodes.iter().map(|n| n.cli(args)).collect()
+    }
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         if let Some(child) = &self.child {
