@@ -40,6 +40,7 @@ use crate::inspect::HygieneRules;
 use crate::knoq::Knoq;
 use crate::metrics::Metrics;
 use crate::pipeline::Gateway;
+use crate::quota::carry::{Carry, CarryOver};
 use crate::quota::{LocalStore, QuotaStore, Quotas, SharedQuotaStore, StoreTime, WaitQueues};
 use crate::reconcile::Confirmed;
 use crate::shared_store::{SharedStore, StoreSettings};
@@ -67,6 +68,9 @@ pub struct Started {
     pub gateway: Gateway,
     pub services: Services,
     pub tls: Option<TlsAcceptor>,
+    /// The state directory's quota, still to carry into Redis before
+    /// serving (the first start on `kind = "redis"` after `local`).
+    pub carry: Option<CarryOver>,
 }
 
 /// The files a config names, each read once.
@@ -209,7 +213,7 @@ pub fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, ConfigErr
     .ok()
     .flatten();
     let vault = match (&config.store, &store) {
-        (StoreSettings::Redis(settings), Some((_, Some(shared)))) => {
+        (StoreSettings::Redis(settings), Some((_, Some(shared), _))) => {
             crate::cookie_vault::read_key(&settings.secret_key_file)
                 .map(|key| Some(Arc::new(Vault::new(shared.clone(), &key))))
                 .map_err(|e| problems.push(Problem::new("store.secret_key_file", e)))
@@ -227,7 +231,7 @@ pub fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, ConfigErr
     ) else {
         return Err(problems.into());
     };
-    let (store, shared) = store;
+    let (store, shared, carry) = store;
     if let Some(vault) = &vault {
         credentials.share_through(vault.clone());
     }
@@ -251,6 +255,7 @@ pub fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Started, ConfigErr
         gateway,
         services,
         tls: server_tls.map(|c| TlsAcceptor::from(Arc::new(c))),
+        carry,
     })
 }
 
@@ -313,7 +318,11 @@ pub fn restart_keys(running: &Config, new: &Config) -> Vec<&'static str> {
 }
 
 /// A quota store, and the shared Redis behind it when there is one.
-type OpenedStore = (Arc<dyn QuotaStore>, Option<Arc<SharedStore>>);
+type OpenedStore = (
+    Arc<dyn QuotaStore>,
+    Option<Arc<SharedStore>>,
+    Option<CarryOver>,
+);
 
 /// The quota store the config asks for: the state directory's journalled
 /// store, or the Redis every replica shares (connected lazily: a Redis
@@ -327,12 +336,24 @@ fn open_store(
     match &config.store {
         StoreSettings::Local => {
             let store = LocalStore::open_dir(&config.state.dir, policy, margin, now)?;
-            Ok(Some((Arc::new(store), None)))
+            Ok(Some((Arc::new(store), None, None)))
         }
         StoreSettings::Redis(settings) => {
             let shared = Arc::new(SharedStore::connect(settings)?);
-            let store = SharedQuotaStore::new(shared.clone(), margin, StoreTime::Server);
-            Ok(Some((Arc::new(store), Some(shared))))
+            let store = Arc::new(SharedQuotaStore::new(
+                shared.clone(),
+                margin,
+                StoreTime::Server,
+            ));
+            // A state directory that ran on `local`: its quota goes into
+            // Redis before anything is served.
+            let carry =
+                Carry::pending(&config.state.dir, policy, margin, now)?.map(|carry| CarryOver {
+                    carry,
+                    store: store.clone(),
+                    policy: policy.clone(),
+                });
+            Ok(Some((store, Some(shared), carry)))
         }
     }
 }

@@ -35,7 +35,7 @@
 //! | `metrics` | Prometheus series on an explicit registry; encodes the snapshot it is handed |
 //! | `inspect` | request hygiene: target form, methods, header names, framing, size, Host |
 //! | [`auth`] | bearer token to principal |
-//! | [`quota`] | per-user and per-token windows, Knoq cool-downs, the async store and its journal |
+//! | [`quota`] | per-user and per-token windows, Knoq cool-downs, the async store and its journal, the Redis store, carrying a journal into Redis |
 //! | `upstream` | the pooled HTTPS client towards Knoq, response bounds, typed errors, retry policy |
 //! | [`route`] | normal-form path check and endpoint classification |
 //! | `cookies` | `Set-Cookie` parsing and merging |
@@ -123,6 +123,7 @@ pub struct Prepared {
     live: Arc<reload::Live>,
     admin: Arc<Admin>,
     tls: Option<TlsAcceptor>,
+    carry: Option<quota::carry::CarryOver>,
 }
 
 /// Reads every file the config names and builds the gateway, reporting
@@ -145,6 +146,7 @@ pub fn prepare(config: Config) -> Result<Prepared, ConfigError> {
         admin: Arc::new(Admin::new(live.clone(), hygiene)),
         live,
         tls: started.tls,
+        carry: started.carry,
         config,
     })
 }
@@ -157,11 +159,21 @@ pub fn check(config: &Config) -> Result<(), ConfigError> {
 /// Serves the clients' port and the admin port until `shutdown` resolves,
 /// then drains both within `server.shutdown_grace`.
 pub async fn run(
-    prepared: Prepared,
+    mut prepared: Prepared,
     proxy: TcpListener,
     admin: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) {
+    let mut shutdown = std::pin::pin!(shutdown);
+    // The state directory's quota goes into Redis before any request is
+    // decided there (the first start on a shared store after `local`).
+    if let Some(carry) = prepared.carry.take() {
+        let clock = prepared.live.services().clock.clone();
+        tokio::select! {
+            () = carry.finish(clock.as_ref()) => {}
+            () = &mut shutdown => return,
+        }
+    }
     let server = &prepared.config.server;
     let proxy_opts = ServeOptions {
         tls: prepared.tls.clone(),

@@ -408,3 +408,103 @@ async fn three_processes_flood(redis: &impl SharedRedis) {
     eprintln!("under faults: {killed} connections killed, {ok} admitted, {failed} failed, {counted} counted");
     bed.shutdown().await;
 }
+
+/// Sends one message through `proxy`; its status.
+async fn one_message(proxy: std::net::SocketAddr, token: &str, sid: &str, text: &str) -> u16 {
+    let url = format!("http://{proxy}{MESSAGE}");
+    send(
+        &client(),
+        req("POST", &url, Some(token), Some(&message(sid, text))),
+    )
+    .await
+    .status
+    .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moving_from_local_to_redis_carries_the_consumed_quota_and_the_rotated_cookie_once() {
+    let redis = RedisServer::start();
+    let bed = BedBuilder {
+        tail_toml: "[quotas]\nmessage = [\"5/hour\", \"8/month\"]\n".into(),
+        ..TestBed::builder()
+    }
+    .start()
+    .await;
+    let c = client();
+    let token = bed.token("alice-svc").to_string();
+    let sid = bed.open_session("alice-svc", "moving").await;
+
+    // On `local`: three messages, and a cookie Knoq rotates (kept only in
+    // this state directory: cookie_file still holds the old one).
+    let local = bed.process_config("local.toml", Some("state-m"));
+    let running = local.run(std::process::Stdio::null());
+    local.wait_healthy(&c).await;
+    for i in 0..3 {
+        assert_eq!(
+            one_message(local.proxy, &token, &sid, &format!("local-{i}")).await,
+            200
+        );
+    }
+    bed.control.rotate_cookie("alice", ROTATED);
+    assert_eq!(one_message(local.proxy, &token, &sid, "local-3").await, 200);
+    drop(running); // kill -9: the journal holds every admission already
+
+    // The same state directory on Redis: 4 of 5 are used this hour.
+    let shared = bed.process_config("shared.toml", Some("state-m"));
+    let text = std::fs::read_to_string(&shared.config).unwrap();
+    std::fs::write(
+        &shared.config,
+        format!("{text}\n{}", redis_store_toml(&redis)),
+    )
+    .unwrap();
+    let mut running = shared.run(std::process::Stdio::null());
+    shared.wait_healthy(&c).await;
+    let window = "kgw:{alice}:q:message:5:s3600000:u";
+    assert_eq!(
+        redis.cli(&["ZCARD", window]).trim(),
+        "4",
+        "the hour's admissions carried"
+    );
+    bed.control.clear_requests();
+    assert_eq!(
+        one_message(shared.proxy, &token, &sid, "shared-0").await,
+        200
+    );
+    let seen = bed.control.requests();
+    assert_eq!(seen.len(), 1, "the rotated cookie went first time: no 401");
+    assert!(seen[0].headers["cookie"]
+        .to_str()
+        .unwrap()
+        .contains(ROTATED));
+    assert_eq!(
+        one_message(shared.proxy, &token, &sid, "shared-1").await,
+        429
+    );
+    assert_eq!(
+        bed.control.rate_limited(),
+        0,
+        "the gateway refused, not Knoq"
+    );
+    let mark = std::fs::read_to_string(bed.dir.0.join("state-m").join("quota.carried")).unwrap();
+    assert!(mark.ends_with("done\n"), "{mark}");
+
+    // A restart does not carry the journal again: the month's count stays.
+    let month = "kgw:{alice}:q:message:8:m:u";
+    assert_eq!(redis.cli(&["HGET", month, "count"]).trim(), "5");
+    drop(running);
+    // Past the ids' ten minutes, only the mark keeps a second carry out.
+    let ids = redis.cli(&["--scan", "--pattern", "kgw:{alice}:id:carried-*"]);
+    assert_eq!(ids.lines().count(), 4, "{ids}");
+    for id in ids.lines() {
+        redis.cli(&["DEL", id]);
+    }
+    running = shared.run(std::process::Stdio::null());
+    shared.wait_healthy(&c).await;
+    assert_eq!(
+        one_message(shared.proxy, &token, &sid, "shared-2").await,
+        429
+    );
+    assert_eq!(redis.cli(&["HGET", month, "count"]).trim(), "5");
+    drop(running);
+    bed.shutdown().await;
+}

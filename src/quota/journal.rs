@@ -212,32 +212,12 @@ impl Journal {
         retention: Retentions,
         segment_bytes: u64,
     ) -> Result<(Journal, Vec<Record>), String> {
-        let mut records = Vec::new();
-        let segments = segment_paths(dir)?;
-        // The base file names the last segment folded into it: a segment
-        // still on disk with that number or lower is a leftover of a crash
-        // between folding and deleting, already counted in the base.
-        let mut through = 0;
-        for (seq, path) in &segments {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("{}: cannot read the quota journal: {e}", path.display()))?;
-            let (folded, parsed) = parse_all(path, &text)?;
-            match seq {
-                None => through = folded,
-                Some(n) if *n <= through => continue,
-                Some(n) => through = through.max(*n),
-            }
-            records.extend(parsed);
-        }
-        records.retain(|r| match r {
-            Record::Admit { at, bucket, .. } => *at >= retention[*bucket as usize].horizon(now),
-            Record::CoolDown { until, .. } => *until > now,
-        });
-        // Concurrent appends may land a millisecond out of order.
-        records.sort_by_key(|r| match r {
-            Record::Admit { at, .. } => *at,
-            Record::CoolDown { .. } => 0,
-        });
+        let Replay {
+            records,
+            segments,
+            through,
+            ..
+        } = replay(dir, now, &retention)?;
         let mut text = header(through);
         for r in &records {
             text.push_str(&r.line());
@@ -279,6 +259,12 @@ impl Journal {
             },
             records,
         ))
+    }
+
+    /// What [`open`](Self::open) would replay at `now`, read without
+    /// changing any file (carrying it into the shared store).
+    pub fn read(dir: &Path, now: Millis, retention: &Retentions) -> Result<Replay, String> {
+        replay(dir, now, retention)
     }
 
     /// Checks every segment in `dir` without changing anything (`check`).
@@ -407,6 +393,58 @@ fn header(through: u64) -> String {
 }
 
 /// The base journal (sequence `None`) and its numbered segments, in order.
+/// A journal as read back: what still matters at the time it was read,
+/// in time order.
+pub struct Replay {
+    pub records: Vec<Record>,
+    /// SHA-256 over every segment's bytes, in order: which journal this
+    /// was (empty: there was none).
+    pub digest: Vec<u8>,
+    segments: Vec<(Option<u64>, PathBuf)>,
+    through: u64,
+}
+
+fn replay(dir: &Path, now: Millis, retention: &Retentions) -> Result<Replay, String> {
+    let mut records = Vec::new();
+    let segments = segment_paths(dir)?;
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    // The base file names the last segment folded into it: a segment
+    // still on disk with that number or lower is a leftover of a crash
+    // between folding and deleting, already counted in the base.
+    let mut through = 0;
+    for (seq, path) in &segments {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("{}: cannot read the quota journal: {e}", path.display()))?;
+        digest.update(text.as_bytes());
+        let (folded, parsed) = parse_all(path, &text)?;
+        match seq {
+            None => through = folded,
+            Some(n) if *n <= through => continue,
+            Some(n) => through = through.max(*n),
+        }
+        records.extend(parsed);
+    }
+    records.retain(|r| match r {
+        Record::Admit { at, bucket, .. } => *at >= retention[*bucket as usize].horizon(now),
+        Record::CoolDown { until, .. } => *until > now,
+    });
+    // Concurrent appends may land a millisecond out of order.
+    records.sort_by_key(|r| match r {
+        Record::Admit { at, .. } => *at,
+        Record::CoolDown { .. } => 0,
+    });
+    Ok(Replay {
+        records,
+        digest: if segments.is_empty() {
+            Vec::new()
+        } else {
+            digest.finish().as_ref().to_vec()
+        },
+        segments,
+        through,
+    })
+}
+
 fn segment_paths(dir: &Path) -> Result<Vec<(Option<u64>, PathBuf)>, String> {
     let base = dir.join(FILE_NAME);
     let mut numbered: Vec<(u64, PathBuf)> = match std::fs::read_dir(dir) {

@@ -17,6 +17,7 @@
 //! the tightest window, for the `RateLimit` headers); `Ok(None)` means the
 //! route has no bucket; `Err(QuotaExceeded)` becomes a 429 in `error.rs`.
 
+pub mod carry;
 pub mod journal;
 pub mod shared;
 pub mod store;
@@ -235,7 +236,7 @@ pub struct Caller<'a> {
 }
 
 /// Which windows apply to whom, resolved once from the config.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Policy {
     users: HashMap<Box<str>, BucketWindows>,
     tokens: HashMap<Box<str>, BucketWindows>,

@@ -245,7 +245,6 @@ impl SharedQuotaStore {
             return Ok(());
         }
         let total = owed.len();
-        let skew = self.skew.load(Ordering::Relaxed);
         for (done, o) in owed.iter().enumerate() {
             let demand = Demand {
                 user: &o.user,
@@ -254,15 +253,7 @@ impl SharedQuotaStore {
                 user_windows: &o.user_windows,
                 token_windows: &o.token_windows,
             };
-            let call = self.prepare_with("record", &demand, o.id.clone());
-            let at = match self.time {
-                StoreTime::Server => (o.at as i64 + skew).max(0) as Millis,
-                StoreTime::Caller => o.at,
-            };
-            if let Err(e) = self
-                .run_at("acquire", &call, o.bucket, Some(at), &o.id)
-                .await
-            {
+            if let Err(e) = self.record(&demand, &o.id, o.at).await {
                 let mut kept = fallback.owed.lock().unwrap_or_else(|p| p.into_inner());
                 let rest: Vec<Owed> = owed.into_iter().skip(done).collect();
                 kept.splice(0..0, rest);
@@ -275,6 +266,42 @@ impl SharedQuotaStore {
             fallback.owing.store(!kept.is_empty(), Ordering::SeqCst);
         }
         tracing::info!(admissions = total, "wrote back to the shared store what this replica admitted on its share while it was away");
+        Ok(())
+    }
+
+    /// Records an admission made elsewhere (on the share, or by the local
+    /// store this one replaces) at `at` on the caller's clock, in every
+    /// window of `demand`, whatever they hold; `id` makes a repeat count
+    /// once.
+    pub(super) async fn record(
+        &self,
+        demand: &Demand<'_>,
+        id: &str,
+        at: Millis,
+    ) -> Result<(), StoreError> {
+        let call = self.prepare_with("record", demand, id.to_string());
+        let at = match self.time {
+            StoreTime::Server => (at as i64 + self.skew.load(Ordering::Relaxed)).max(0) as Millis,
+            StoreTime::Caller => at,
+        };
+        self.run_at("acquire", &call, demand.bucket, Some(at), id)
+            .await
+            .map(drop)
+    }
+
+    /// Reads Redis's clock once, so times from this host's clock are
+    /// placed right before any decision has told the skew.
+    pub(super) async fn learn_skew(&self, now: Millis) -> Result<(), StoreError> {
+        let (secs, micros): (i64, i64) = self
+            .store
+            .call("ping", |mut c| async move {
+                redis::cmd("TIME").query_async(&mut c).await
+            })
+            .await?;
+        if self.time == StoreTime::Server {
+            self.skew
+                .store(secs * 1000 + micros / 1000 - now as i64, Ordering::Relaxed);
+        }
         Ok(())
     }
 
