@@ -134,6 +134,7 @@ pub enum StoreError {
 #[derive(Clone)]
 struct Instruments {
     up: IntGauge,
+    degraded: IntGauge,
     errors: IntCounterVec,
     duration: HistogramVec,
 }
@@ -143,6 +144,11 @@ impl Instruments {
         let up = IntGauge::new(
             "knoq_gateway_store_up",
             "1 while the shared store (Redis) answered its last call in time.",
+        )
+        .expect("static metric options are valid");
+        let degraded = IntGauge::new(
+            "knoq_gateway_store_degraded",
+            "1 while this replica decides quotas from its own share (store.on_error = \"local_share\") because the shared store does not answer.",
         )
         .expect("static metric options are valid");
         let errors = IntCounterVec::new(
@@ -169,6 +175,7 @@ impl Instruments {
         }
         Instruments {
             up,
+            degraded,
             errors,
             duration,
         }
@@ -413,6 +420,7 @@ impl SharedStore {
         let i = &self.instruments;
         vec![
             Box::new(i.up.clone()),
+            Box::new(i.degraded.clone()),
             Box::new(i.errors.clone()),
             Box::new(i.duration.clone()),
         ]
@@ -468,12 +476,16 @@ impl SharedStore {
         match result {
             Ok(_) => {
                 self.instruments.up.set(1);
+                self.instruments.degraded.set(0);
                 if !self.up.swap(true, Ordering::Relaxed) {
                     tracing::info!("the shared store (Redis) answers again; quotas are shared across replicas again");
                 }
             }
             Err(e) => {
                 self.instruments.up.set(0);
+                if let OnStoreError::LocalShare { .. } = self.on_error {
+                    self.instruments.degraded.set(1);
+                }
                 self.instruments.errors.with_label_values(&[op]).inc();
                 if self.up.swap(false, Ordering::Relaxed) {
                     let error = match e {

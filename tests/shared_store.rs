@@ -300,6 +300,17 @@ async fn admit_all(store: &SharedQuotaStore, demand: &Demand<'_>, now: u64, max:
     admitted
 }
 
+/// A gauge among the store's own series.
+fn gauge(store: &SharedStore, name: &str) -> i64 {
+    store
+        .collectors()
+        .iter()
+        .flat_map(|c| c.collect())
+        .find(|family| family.get_name() == name)
+        .map(|family| family.get_metric()[0].get_gauge().get_value() as i64)
+        .unwrap_or_else(|| panic!("no {name}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_share_admits_its_share_while_redis_is_away_and_writes_it_back_once() {
     let redis = RedisServer::start();
@@ -310,7 +321,7 @@ async fn local_share_admits_its_share_while_redis_is_away_and_writes_it_back_onc
     let store = SharedQuotaStore::new(shared.clone(), 300, StoreTime::Caller);
     // Another replica, refusing while Redis is away: it sees only Redis.
     let peer_shared = Arc::new(SharedStore::connect(&settings(&redis, timeout)).unwrap());
-    let peer = SharedQuotaStore::new(peer_shared, 300, StoreTime::Caller);
+    let peer = SharedQuotaStore::new(peer_shared.clone(), 300, StoreTime::Caller);
     let user_windows = windows(&["30/min"]);
     let demand = Demand {
         user: "alice",
@@ -321,11 +332,19 @@ async fn local_share_admits_its_share_while_redis_is_away_and_writes_it_back_onc
     };
     assert_eq!(admit_all(&store, &demand, 1_000, 5).await, 5);
     assert_eq!(shared.mode(), "shared");
+    assert_eq!(gauge(&shared, "knoq_gateway_store_degraded"), 0);
+    assert_eq!(gauge(&peer_shared, "knoq_gateway_store_degraded"), 0);
 
     // Away: this replica admits floor(30 / 3) = 10, and not one more.
     redis.signal("STOP");
     assert_eq!(admit_all(&store, &demand, 2_000, 40).await, 10);
     assert_eq!(shared.mode(), "local_share");
+    assert_eq!(gauge(&shared, "knoq_gateway_store_degraded"), 1);
+    assert_eq!(gauge(&shared, "knoq_gateway_store_up"), 0);
+    // A replica that refuses meanwhile is down, not degraded.
+    assert!(peer.check(&demand, 2_000).await.is_err());
+    assert_eq!(gauge(&peer_shared, "knoq_gateway_store_up"), 0);
+    assert_eq!(gauge(&peer_shared, "knoq_gateway_store_degraded"), 0);
     let refused = store.acquire(&demand, 2_000).await.unwrap().unwrap_err();
     assert_eq!(
         refused.until,
@@ -347,6 +366,7 @@ async fn local_share_admits_its_share_while_redis_is_away_and_writes_it_back_onc
     })
     .await;
     assert_eq!(admit_all(&store, &demand, 3_000, 40).await, 15);
+    assert_eq!(gauge(&shared, "knoq_gateway_store_degraded"), 0);
     assert!(
         peer.check(&demand, 3_000).await.unwrap().is_err(),
         "the peer sees the window full"
