@@ -144,6 +144,11 @@ struct Status {
     pending: Option<Pending>,
     /// Why the shared record could not be used (reported once).
     shared_problem: Option<String>,
+    /// A rotation Knoq sent this replica that lost the race to another
+    /// replica's write of one at the same time. Which of the two Knoq
+    /// issued last cannot be told from here: if Knoq refuses the winner,
+    /// this one is tried once before calling it an expiry.
+    runner_up: Option<HeaderValue>,
 }
 
 /// A change made by this replica that the shared record does not have yet.
@@ -407,6 +412,21 @@ impl Credentials {
         if cred.cookie().as_ref() != Some(sent) {
             return false;
         }
+        let runner_up = cred.status().runner_up.take();
+        if let Some(candidate) = runner_up.filter(|c| c != sent) {
+            tracing::info!(
+                user,
+                "Knoq refused the cookie another replica stored while this one stored its own rotation; resending once with this replica's"
+            );
+            let rotated = cred.status().last_rotation;
+            if let Err(e) = self.persist(cred, &candidate, rotated, false).await {
+                tracing::warn!(user, error = %e, "cannot keep the cookie in the state directory");
+            }
+            cred.publish(candidate);
+            cred.status().pending = Some(Pending::Local);
+            self.sync_locked(cred).await;
+            return false;
+        }
         let newly = {
             let mut s = cred.status();
             let newly = !s.expired;
@@ -668,6 +688,16 @@ impl Credentials {
                 (Some(_), None) => false,
             };
             if !write {
+                if let (Some(r), Some(Pending::Local)) = (&record, pending) {
+                    // Our rotation lost to another replica's: keep it in
+                    // case Knoq issued it last.
+                    let mine = cred.cookie();
+                    let mut s = cred.status();
+                    if !s.expired && mine.as_ref().and_then(|c| c.to_str().ok()) != Some(&r.cookie)
+                    {
+                        s.runner_up = mine;
+                    }
+                }
                 if let Some(record) = record {
                     if gen != known || pending.is_some() {
                         self.adopt_shared(cred, gen, record).await;

@@ -508,3 +508,144 @@ async fn moving_from_local_to_redis_carries_the_consumed_quota_and_the_rotated_c
     drop(running);
     bed.shutdown().await;
 }
+
+#[tokio::test]
+async fn two_rotations_at_once_end_on_knoqs_last_cookie_never_on_an_expiry() {
+    let redis = RedisServer::start();
+    let (bed, b) = two_replicas(&redis).await;
+    let token = bed.token("alice-svc").to_string();
+    assert_eq!(list_via(b.url(SESSIONS), &token).await.status, 200);
+    let before = in_step(bed.admin, b.admin).await;
+    // B cannot hear A's write before its own: both rotations are made on
+    // the same generation, and A's is stored first.
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    bed.control
+        .set_cookie_header("alice", "knoq_session=alice-race-a; Path=/");
+    assert_eq!(list_via(bed.url(SESSIONS), &token).await.status, 200);
+    bed.control
+        .set_cookie_header("alice", "knoq_session=alice-race-b; Path=/");
+    assert_eq!(list_via(b.url(SESSIONS), &token).await.status, 200);
+    // Knoq issued B's last: only that one is accepted now.
+    bed.control.set_cookie("alice", "alice-race-b");
+
+    bed.control.clear_requests();
+    let r = list_via(b.url(SESSIONS), &token).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let sent: Vec<String> = bed
+        .control
+        .requests()
+        .iter()
+        .map(|r| r.headers["cookie"].to_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        sent.len(),
+        2,
+        "the stored winner, then B's own once: {sent:?}"
+    );
+    assert!(sent[0].contains("alice-race-a") && sent[1].contains("alice-race-b"));
+    assert_ne!(alice_state(b.admin).await, "expired");
+    // B's is stored on top, and A follows it.
+    eventually(
+        "both replicas on B's rotation",
+        Duration::from_secs(5),
+        || async {
+            generation(bed.admin).await == before + 2 && generation(b.admin).await == before + 2
+        },
+    )
+    .await;
+    bed.control.clear_requests();
+    assert_eq!(list_via(bed.url(SESSIONS), &token).await.status, 200);
+    assert_eq!(bed.control.requests().len(), 1);
+    b.stop().await;
+    bed.shutdown().await;
+}
+
+#[tokio::test]
+async fn credentials_set_on_one_host_reaches_every_replica() {
+    let redis = RedisServer::start();
+    let (bed, b) = two_replicas(&redis).await;
+    let c = bed.replica("c").await;
+    let token = bed.token("alice-svc").to_string();
+    let before = in_step(bed.admin, b.admin).await;
+    bed.control.set_cookie("alice", "alice-operator-0004");
+    let config = config_path(&bed);
+    let out = cli(
+        &[
+            "credentials",
+            "set",
+            "alice",
+            "--no-check",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        Some("knoq_session=alice-operator-0004\n"),
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    for (what, admin) in [("A", bed.admin), ("B", b.admin), ("C", c.admin)] {
+        eventually(
+            &format!("{what} takes the operator's cookie"),
+            Duration::from_secs(5),
+            || async { generation(admin).await > before },
+        )
+        .await;
+    }
+    for (what, url) in [("B", b.url(SESSIONS)), ("C", c.url(SESSIONS))] {
+        bed.control.clear_requests();
+        assert_eq!(list_via(url, &token).await.status, 200, "{what}");
+        let seen = bed.control.requests();
+        assert_eq!(seen.len(), 1, "{what} sent the new cookie first time");
+        assert!(seen[0].headers["cookie"]
+            .to_str()
+            .unwrap()
+            .contains("alice-operator-0004"));
+    }
+    b.stop().await;
+    c.stop().await;
+    bed.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_requests_on_two_replicas_are_admitted_as_the_shared_window_frees() {
+    let redis = RedisServer::start();
+    let mut sim = sim_config();
+    // Knoq enforces the same 2 per second, on arrival.
+    sim.limits = knoq_sim::SimLimits {
+        message: vec![knoq_sim::Window {
+            limit: 2,
+            period: Duration::from_secs(1),
+        }],
+        ..knoq_sim::SimLimits::unlimited()
+    };
+    let bed = BedBuilder {
+        sim,
+        tail_toml: format!(
+            "{}[quotas]\non_limit = \"wait\"\nmax_wait = \"10s\"\nmessage = [\"2/sec\"]\n",
+            redis.store_toml()
+        ),
+        ..TestBed::builder()
+    }
+    .start()
+    .await;
+    let b = bed.replica("b").await;
+    let token = bed.token("alice-svc").to_string();
+    let sid = bed.open_session("alice-svc", "waiting").await;
+    bed.control.clear_requests();
+    let started = std::time::Instant::now();
+    let (on_a, on_b) = tokio::join!(
+        flood(bed.addr, &token, &sid, 3, "a"),
+        flood(b.addr, &token, &sid, 3, "b")
+    );
+    let waited = started.elapsed();
+    assert_eq!(
+        [on_a, on_b].concat(),
+        [200; 6],
+        "every waiting request admitted"
+    );
+    assert_eq!(bed.control.rate_limited(), 0, "Knoq never refused one");
+    // 6 at 2 per second (plus the margin) from two replicas: the later
+    // ones waited for the shared window, on whichever replica.
+    assert!(waited >= Duration::from_secs(2), "{waited:?}");
+    b.stop().await;
+    bed.shutdown().await;
+}
